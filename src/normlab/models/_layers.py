@@ -1,0 +1,64 @@
+"""Small building blocks shared by the models: dimension-generic conv/pool and the norm choice."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..nn.factory import make_norm
+
+
+def spatial_dims(in_shape: tuple[int, ...]) -> int:
+    """The number of spatial dimensions of an input of shape ``(C, *spatial)``."""
+    if len(in_shape) < 2:
+        raise ValueError(
+            f"a convolutional model needs an input of shape (C, L) or (C, H, W), got {in_shape}; "
+            "1-D data such as mnist1d is stored as (1, 40)"
+        )
+    return len(in_shape) - 1
+
+
+def conv(dim: int, *args, **kwargs) -> nn.Module:
+    """``nn.Conv1d``/``Conv2d``/``Conv3d`` chosen by the number of spatial dims."""
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim](*args, **kwargs)
+
+
+def max_pool(dim: int, *args, **kwargs) -> nn.Module:
+    return {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dim](*args, **kwargs)
+
+
+def adaptive_avg_pool(dim: int, size: int = 1) -> nn.Module:
+    return {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dim](size)
+
+
+def adaptive_max_pool(dim: int, size: int = 1) -> nn.Module:
+    return {1: nn.AdaptiveMaxPool1d, 2: nn.AdaptiveMaxPool2d, 3: nn.AdaptiveMaxPool3d}[dim](size)
+
+
+def dropout(dim: int, p: float) -> nn.Module:
+    return nn.Dropout(p)
+
+
+class NormChoice:
+    """A model's normalization choice: name, affine flag and the norm's options.
+
+    Models call ``norm_choice(channels, dim)`` for each norm layer, so that ``norm="gn"`` with
+    ``norm_kwargs={"num_groups": 2}`` reaches every layer of the model in the same way.
+    """
+
+    def __init__(self, norm: str = "bn", affine: bool = True, norm_kwargs: dict | None = None):
+        self.name = norm
+        self.affine = affine
+        self.options = dict(norm_kwargs or {})
+        # Build one layer now so that a bad name or option fails at model construction, with the
+        # factory's message, instead of deep inside a forward pass.
+        if norm != "none":
+            make_norm(norm, 64, 2, affine, **self.options)
+        else:
+            make_norm(norm, 1, 2, affine, **self.options)
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+    def __call__(self, channels: int, dim: int) -> nn.Module:
+        return make_norm(self.name, channels, dim, self.affine, **self.options)

@@ -1,0 +1,278 @@
+"""Studies: a named grid of runs plus an analysis that turns their run directories into a report.
+
+A :class:`Study` lists its runs for a scale (``quick``: embedded data, minutes on a CPU; ``paper``:
+the paper's setting on the real dataset files) and analyses the results. :func:`run_study` runs the
+grid with ``jobs`` worker processes, skips runs that already ended (an interrupted study resumes where
+it stopped, and a run interrupted mid-way resumes from its checkpoint), records a failing run without
+stopping the others, and writes ``OUT/STUDY/report.md``.
+
+Layout::
+
+    OUT/STUDY/
+      runs/RUN/...       one run directory per run (see normlab.train.rundir)
+      report.md          tables and figures
+      results.json       the numbers behind the tables
+      *.png
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import multiprocessing as mp
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, UserError
+from ..io import atomic_write_json, atomic_write_text
+from ..report import Report
+from ..train.rundir import RunDirectory
+
+SCALES = ("quick", "paper")
+
+
+@dataclass
+class RunSpec:
+    """One run of a study: a unique name, its (partial) config and labels for the analysis."""
+
+    name: str
+    config: dict
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    run_dir: Path
+    status: str  # finished | diverged | interrupted | failed | missing
+    summary: dict | None
+    rows: list[dict]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("finished", "diverged")
+
+    def final(self, key: str, default=None):
+        """The last epoch's value of metrics column ``key``."""
+        return self.rows[-1].get(key, default) if self.rows else default
+
+
+class Study:
+    """Base class of the studies. Subclasses set ``name``/``title``/``description`` and implement
+    :meth:`runs` and :meth:`analyze`."""
+
+    name: str = ""
+    title: str = ""
+    description: str = ""
+    default_jobs: int = 2
+
+    def runs(self, scale: str, data_root: str | None = None) -> list[RunSpec]:
+        raise NotImplementedError
+
+    def analyze(self, results: list[RunResult], report: Report, scale: str) -> None:
+        raise NotImplementedError
+
+
+_STUDIES: dict[str, Study] = {}
+
+
+def register_study(study: Study) -> None:
+    _STUDIES[study.name] = study
+
+
+def study_names() -> list[str]:
+    return list(_STUDIES)
+
+
+def get_study(name: str) -> Study:
+    try:
+        return _STUDIES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown study {name!r}; valid choices: {', '.join(_STUDIES)}, all"
+        ) from None
+
+
+def run_study(
+    study: Study | str,
+    scale: str = "quick",
+    jobs: int | None = None,
+    out: str | Path = "studies_out",
+    data_root: str | None = None,
+    progress: bool = True,
+    overrides: dict | None = None,
+) -> Path:
+    """Run every pending run of ``study`` and write its report; returns the report's path."""
+    if isinstance(study, str):
+        study = get_study(study)
+    if scale not in SCALES:
+        raise ConfigError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    jobs = jobs or study.default_jobs
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    folder = Path(out) / study.name
+    specs = study.runs(scale, data_root)
+    _check_unique(specs, study.name)
+    configs = {s.name: _run_config(s, folder, overrides) for s in specs}
+    pending = [s for s in specs if not RunDirectory(folder / "runs" / s.name).is_complete()]
+    execute_runs([configs[s.name] for s in pending], jobs, progress, f"{study.name} ({scale})")
+    results = collect_results(specs, folder)
+    report = Report(folder, study.title or study.name)
+    if study.description:
+        report.text(study.description)
+    report.text(
+        f"Scale: `{scale}`. Runs: {len(results)} "
+        f"({sum(r.ok for r in results)} ended, "
+        f"{sum(r.status == 'failed' for r in results)} failed)."
+    )
+    study.analyze(results, report, scale)
+    _failure_section(results, report)
+    return report.write()
+
+
+def execute_runs(configs: list[dict], jobs: int, progress: bool = True, desc: str = "runs"):
+    """Train each config (``out`` and ``name`` set) with up to ``jobs`` worker processes.
+
+    A failing run is recorded in its run directory (``error.txt``, status ``failed``) and the others
+    go on. Each worker gets an equal share of the CPU cores as torch threads.
+    """
+    if not configs:
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(configs), desc=desc, unit="run", dynamic_ncols=True)
+    if jobs == 1:
+        for cfg in configs:
+            execute_one(cfg, threads)
+            if bar is not None:
+                bar.update(1)
+    else:
+        # spawn: a fresh interpreter per worker (fork and torch's thread pools do not mix well).
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(execute_one, cfg, threads) for cfg in configs]
+            for future in cf.as_completed(futures):
+                future.result()
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def execute_one(cfg: dict, threads: int = 1) -> str:
+    """Train one run, never raising for a failure of the run itself (it is recorded instead)."""
+    import torch
+
+    from ..train import train
+
+    torch.set_num_threads(threads)
+    run_dir = RunDirectory(Path(cfg["out"]) / cfg["name"])
+    try:
+        summary = train(cfg)
+        (run_dir.path / "error.txt").unlink(missing_ok=True)
+        return summary["status"]
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a failed run is a result of the study, not the end of it
+        message = f"{type(exc).__name__}: {exc}"
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir.path / "error.txt", traceback.format_exc())
+        summary = run_dir.read_summary() or {}
+        summary.update({"status": "failed", "error": message})
+        atomic_write_json(run_dir.summary_path, summary)
+        return "failed"
+
+
+def collect_results(specs: list[RunSpec], folder: Path) -> list[RunResult]:
+    results = []
+    for spec in specs:
+        rd = RunDirectory(folder / "runs" / spec.name)
+        summary = rd.read_summary()
+        status = summary.get("status", "missing") if summary else "missing"
+        results.append(
+            RunResult(
+                spec,
+                rd.path,
+                status,
+                summary,
+                rd.read_metrics(),
+                summary.get("error") if summary else None,
+            )
+        )
+    return results
+
+
+def _run_config(spec: RunSpec, folder: Path, overrides: dict | None) -> dict:
+    from ..config import merge
+
+    cfg = merge(spec.config, overrides or {})
+    cfg.update({"out": str(folder / "runs"), "name": spec.name, "progress": False, "resume": True})
+    return cfg
+
+
+def _check_unique(specs: list[RunSpec], study: str) -> None:
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"study {study} lists runs with the same name: {dupes}")
+
+
+def _failure_section(results: list[RunResult], report: Report) -> None:
+    failed = [r for r in results if r.status in ("failed", "missing", "interrupted")]
+    if not failed:
+        return
+    report.heading("Runs that did not end")
+    report.table(
+        ["run", "status", "error"],
+        [
+            [r.spec.name, r.status, (r.error or "").splitlines()[0][:160] if r.error else ""]
+            for r in failed
+        ],
+    )
+
+
+def group_by(results: list[RunResult], *keys: str) -> dict[tuple, list[RunResult]]:
+    """Results grouped by the values of their ``labels`` at ``keys`` (insertion order kept)."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(tuple(r.spec.labels.get(k) for k in keys), []).append(r)
+    return groups
+
+
+def finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def require_root(data_root: str | None, dataset: str, study: str) -> str:
+    if not data_root:
+        raise UserError(
+            f"study {study} at scale=paper trains on {dataset} files: pass data.root=PATH "
+            f"(see the README's data section)"
+        )
+    return data_root
+
+
+def run_all(
+    scale: str = "quick",
+    jobs: int | None = None,
+    out: str | Path = "studies_out",
+    data_root: str | None = None,
+    progress: bool = True,
+    names: list[str] | None = None,
+) -> Path:
+    """Run every registered study and write ``OUT/report.md`` linking their reports."""
+    out = Path(out)
+    lines = ["# normlab studies\n", f"Scale: `{scale}`.\n", "| study | report |", "|---|---|"]
+    for name in names or study_names():
+        path = run_study(name, scale, jobs, out, data_root, progress)
+        lines.append(f"| {get_study(name).title or name} | [{name}/report.md]({name}/report.md) |")
+        del path
+    index = out / "report.md"
+    atomic_write_text(index, "\n".join(lines) + "\n")
+    return index

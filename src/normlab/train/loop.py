@@ -1,0 +1,448 @@
+"""The one training loop of normlab: used by the CLI, the studies, the examples and the tests.
+
+``train(config)`` builds data, model, optimizer, schedule and callbacks from a config (see
+:mod:`normlab.config`), trains for ``epochs`` epochs with an evaluation after each, and keeps a run
+directory (see :mod:`normlab.train.rundir`). It ends with a status:
+
+* ``finished``: all epochs done;
+* ``diverged``: the training loss became NaN or Inf (a result, not a crash: the run stops cleanly);
+* ``interrupted``: Ctrl-C; a checkpoint of the exact position is written and ``resume=true``
+  continues from it with the same numbers as an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import config as config_mod
+from ..data import Augment, InMemoryLoader, TensorDataset, load_dataset, prepare_dataset
+from ..errors import ConfigError
+from ..models import build_model
+from .callbacks import Callback, CallbackList
+from .distributed import (
+    DistributedInfo,
+    all_reduce_sum,
+    distributed_info,
+    init_distributed,
+    pick_device,
+)
+from .optimizers import BuildContext, build_optimizer
+from .rundir import RunDirectory
+from .schedules import build_scheduler
+
+BASE_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "time"]
+
+
+@dataclass
+class TrainState:
+    """Everything a callback may look at. ``model`` is the bare module (never the DDP wrapper)."""
+
+    config: dict
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dataset: TensorDataset
+    train_loader: InMemoryLoader
+    test_loader: InMemoryLoader
+    device: torch.device
+    dist: DistributedInfo
+    run_dir: RunDirectory | None
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # batches of the current epoch done
+    rows: list[dict] = field(default_factory=list)
+    accum: list | None = None  # [loss sum, correct, count, seconds] of the epoch in progress
+    forward_model: nn.Module | None = None  # the module that runs forward (DDP wrapper or model)
+
+    def evaluate(self, loader: InMemoryLoader | None = None, train_mode: bool = False):
+        """Mean loss and accuracy of the model over ``loader`` (the test set by default).
+
+        ``train_mode=True`` evaluates with batch statistics (BatchNorm in train mode) without
+        updating running statistics, as the sphere-regimes paper measures its training loss.
+        """
+        return evaluate(self.model, loader or self.test_loader, train_mode=train_mode)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: InMemoryLoader, train_mode: bool = False):
+    was_training = model.training
+    saved = None
+    if train_mode:
+        # Batch statistics without touching running statistics: save and restore the BN buffers.
+        saved = {
+            k: v.clone()
+            for k, v in model.state_dict().items()
+            if "running" in k or "num_batches" in k
+        }
+    model.train(train_mode)
+    total_loss = torch.zeros((), dtype=torch.float64, device=loader.x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.x.device)
+    count = 0
+    for x, y in loader:
+        logits = model(x)
+        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+        count += y.shape[0]
+    model.train(was_training)
+    if saved:
+        model.load_state_dict(saved, strict=False)
+    if count == 0:
+        return float("nan"), float("nan")
+    return total_loss.item() / count, correct.item() / count
+
+
+def train(
+    config: dict | None = None,
+    overrides=(),
+    *,
+    callbacks: list[Callback] = (),
+    dataset: TensorDataset | None = None,
+) -> dict:
+    """Train one run and return its summary (the content of ``summary.json``).
+
+    Args:
+        config: a (partial) nested config dict; see :func:`normlab.config.resolve`.
+        overrides: dotted ``key=value`` strings applied on top of ``config``.
+        callbacks: extra :class:`Callback` objects (besides those the config's extensions build).
+        dataset: use this dataset instead of loading ``config["data"]`` (preprocessing still applies).
+    """
+    cfg = config_mod.resolve(config, overrides)
+    info = distributed_info()
+    device = pick_device(cfg["device"], info)
+    init_distributed(info, device)
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    seed_everything(cfg["seed"])
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+
+    run_dir = RunDirectory(Path(cfg["out"]) / config_mod.run_name(cfg))
+    _check_run_dir(run_dir, cfg)
+
+    data = _prepare_data(cfg, dataset)
+    train_loader, test_loader = _loaders(cfg, data, device, info)
+    model = build_model(
+        cfg["model"]["name"],
+        data.in_shape,
+        data.num_classes,
+        **{k: v for k, v in cfg["model"].items() if k != "name"},
+    ).to(device)
+    probe = (
+        data.x_train[: min(256, len(data.x_train))].to(device),
+        data.y_train[: min(256, len(data.y_train))].to(device),
+    )
+    optimizer = build_optimizer(model, cfg["optim"], BuildContext(probe, cfg, len(train_loader)))
+    scheduler = build_scheduler(optimizer, cfg["schedule"], len(train_loader), cfg["epochs"])
+    forward_model: nn.Module = model
+    if info.enabled:
+        forward_model = nn.parallel.DistributedDataParallel(model)
+
+    state = TrainState(
+        cfg,
+        model,
+        optimizer,
+        scheduler,
+        data,
+        train_loader,
+        test_loader,
+        device,
+        info,
+        run_dir if info.is_main else None,
+        forward_model=forward_model,
+    )
+    extension_callbacks = [
+        ext.build(state, cfg[name])
+        for name, ext in config_mod.extensions().items()
+        if cfg.get(name) is not None
+    ]
+    cbs = CallbackList([*extension_callbacks, *callbacks])
+
+    accum = None
+    if cfg["resume"] and run_dir.checkpoint_path.exists():
+        accum = _restore(state, cbs, run_dir.load_checkpoint(map_location=device))
+    if info.is_main:
+        run_dir.write_config(cfg)
+    summary = _summary(state, "running")
+    if info.is_main:
+        run_dir.write_summary(summary)
+    cbs.on_train_start(state)
+    try:
+        status = _run_epochs(state, cbs, accum)
+    except KeyboardInterrupt:
+        if info.is_main:
+            _save_checkpoint(state, cbs, state.accum)
+            run_dir.write_summary(_summary(state, "interrupted"))
+        raise
+    summary = _summary(state, status)
+    cbs.on_train_end(state, summary)
+    if info.is_main:
+        run_dir.write_summary(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------- internals
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_run_dir(run_dir: RunDirectory, cfg: dict) -> None:
+    if not run_dir.exists() or cfg["resume"]:
+        return
+    if cfg["overwrite"]:
+        for path in (run_dir.checkpoint_path, run_dir.metrics_path, run_dir.summary_path):
+            path.unlink(missing_ok=True)
+        return
+    raise ConfigError(
+        f"run directory {run_dir.path} already exists; pass resume=true to continue it, "
+        "overwrite=true to start it over, or name=NEW for a new run"
+    )
+
+
+def _prepare_data(cfg: dict, dataset: TensorDataset | None) -> TensorDataset:
+    d = cfg["data"]
+    raw = dataset if dataset is not None else load_dataset(d["name"], d["root"])
+    return prepare_dataset(
+        raw,
+        resize=d["resize"],
+        standardize=d["standardize"],
+        train_limit=d["train_limit"],
+        test_limit=d["test_limit"],
+    )
+
+
+def _loaders(cfg, data: TensorDataset, device, info: DistributedInfo):
+    d = cfg["data"]
+    augment = Augment(d["crop_padding"], d["padding_mode"], d["flip"])
+    train_loader = InMemoryLoader(
+        data.x_train,
+        data.y_train,
+        cfg["batch_size"],
+        shuffle=True,
+        drop_last=d["drop_last"],
+        seed=cfg["seed"],
+        augment=augment,
+        device=device,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+    test_loader = InMemoryLoader(data.x_test, data.y_test, cfg["eval_batch_size"], device=device)
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"batch_size {cfg['batch_size']} with drop_last leaves no batch of the "
+            f"{len(data.x_train)} training samples"
+        )
+    return train_loader, test_loader
+
+
+def _run_epochs(state: TrainState, cbs: CallbackList, accum) -> str:
+    cfg = state.config
+    progress = cfg["progress"] and state.dist.is_main
+    loss_fn = F.cross_entropy
+    model, optimizer, scheduler = state.forward_model, state.optimizer, state.scheduler
+    before_step, step_end = cbs.before_step, cbs.step_end
+    while state.epoch < cfg["epochs"]:
+        epoch_start = time.perf_counter()
+        loader = state.train_loader
+        loader.set_epoch(state.epoch)
+        # accum = [loss sum, correct, count, seconds] of the epoch so far (kept for resuming).
+        state.accum = accum if accum is not None else [0.0, 0, 0, 0.0]
+        accum = None
+        skip = state.batch_in_epoch
+        bar = _progress_bar(progress, len(loader), state, skip)
+        state.model.train()
+        for i, (x, y) in enumerate(loader):
+            if i < skip:
+                continue  # resuming mid-epoch: these batches were trained on before the stop
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                state.accum[0] += loss_value
+                state.accum[2] += y.shape[0]
+                _record_epoch(state, cbs, epoch_start, diverged=True)
+                if bar is not None:
+                    bar.close()
+                return "diverged"
+            optimizer.zero_grad(set_to_none=True)
+            if state.dist.enabled:
+                # DDP averages gradients over ranks; weighting each rank's mean loss by its share
+                # of the global batch makes that average the global-batch mean, also for an uneven
+                # last batch.
+                (
+                    loss * (state.dist.world_size * y.shape[0] / loader.global_batch_size(i))
+                ).backward()
+            else:
+                loss.backward()
+            for c in before_step:
+                c.on_before_step(state)
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.batch_in_epoch = i + 1
+            acc = state.accum
+            acc[0] += loss_value * y.shape[0]
+            acc[1] += int((logits.argmax(1) == y).sum())
+            acc[2] += y.shape[0]
+            for c in step_end:
+                c.on_step_end(state, loss)
+            if bar is not None:
+                bar.update(1)
+                if (i + 1) % 10 == 0 or i + 1 == len(loader):
+                    bar.set_postfix(loss=f"{acc[0] / acc[2]:.4f}", acc=f"{acc[1] / acc[2]:.3f}")
+        if bar is not None:
+            bar.close()
+        state.accum[3] += time.perf_counter() - epoch_start
+        row = _record_epoch(state, cbs, None, diverged=False)
+        if progress:
+            _print_row(row, cfg["epochs"])
+        if state.run_dir is not None and cfg["checkpoint"]:
+            _save_checkpoint(state, cbs, None)
+    return "finished"
+
+
+def _record_epoch(state: TrainState, cbs: CallbackList, epoch_start, diverged: bool) -> dict:
+    loss_sum, correct, count, seconds = state.accum
+    if epoch_start is not None:
+        seconds += time.perf_counter() - epoch_start
+    totals = all_reduce_sum(
+        torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64), state.dist
+    )
+    loss_sum, correct, count = totals.tolist()
+    row = {
+        "epoch": state.epoch + 1,
+        "step": state.step,
+        "train_loss": loss_sum / count if count else float("nan"),
+        "train_acc": correct / count if count else float("nan"),
+    }
+    if diverged:
+        row["test_loss"], row["test_acc"] = float("nan"), float("nan")
+    else:
+        row["test_loss"], row["test_acc"] = state.evaluate()
+    groups = state.optimizer.param_groups
+    row["lr"] = groups[0].get("lr", float("nan"))
+    row["time"] = seconds
+    names = [g.get("name", f"g{i}") for i, g in enumerate(groups)]
+    with torch.no_grad():
+        for name, group in zip(names, groups):
+            if len(groups) > 1:
+                row[f"lr/{name}"] = group.get("lr", float("nan"))
+            params = [p for p in group["params"]]
+            norm = (
+                torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params)) if params else 0.0
+            )
+            row[f"wnorm/{name}"] = float(norm)
+    if not diverged:
+        row.update(cbs.on_epoch_end(state))
+    state.rows.append(row)
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    if state.run_dir is not None:
+        state.run_dir.write_metrics(state.rows)
+    return row
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save_checkpoint(state: TrainState, cbs: CallbackList, accum) -> None:
+    state.run_dir.save_checkpoint(
+        {
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "callbacks": cbs.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "batch_in_epoch": state.batch_in_epoch,
+            "accum": accum,
+            "rows": state.rows,
+            "rng": _rng_state(),
+            "config": state.config,
+        }
+    )
+
+
+def _restore(state: TrainState, cbs: CallbackList, ckpt: dict):
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    cbs.load_state_dict(ckpt.get("callbacks", {}))
+    state.epoch, state.step = ckpt["epoch"], ckpt["step"]
+    state.batch_in_epoch = ckpt["batch_in_epoch"]
+    state.rows = list(ckpt["rows"])
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return ckpt.get("accum")
+
+
+def _summary(state: TrainState, status: str) -> dict:
+    last = state.rows[-1] if state.rows else {}
+    test_accs = [r["test_acc"] for r in state.rows if _finite(r.get("test_acc"))]
+    return {
+        "status": status,
+        "epochs_completed": state.epoch,
+        "epochs": state.config["epochs"],
+        "steps": state.step,
+        "final": last,
+        "best_test_acc": max(test_accs) if test_accs else None,
+        "run_dir": str(state.run_dir.path) if state.run_dir else None,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(state.device),
+            "threads": torch.get_num_threads(),
+            "world_size": state.dist.world_size,
+        },
+    }
+
+
+def _finite(x) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x)
+
+
+def _progress_bar(enabled: bool, total: int, state: TrainState, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"epoch {state.epoch + 1}/{state.config['epochs']}",
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def _print_row(row: dict, epochs: int) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(
+        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} "
+        f"acc {100 * row['train_acc']:5.1f}%  test loss {row['test_loss']:.4f} "
+        f"acc {100 * row['test_acc']:5.1f}%  lr {row['lr']:.3g}  {row['time']:.1f}s"
+    )
