@@ -49,3 +49,34 @@ def test_study_argument_errors(tmp_path):
         run_study(TinyStudy(), "huge", out=tmp_path)
     with pytest.raises(ConfigError, match="valid choices: baseline"):
         get_study("nope")
+
+
+def test_sweep_axes_and_run(tmp_path):
+    from normlab.cli import main
+    from normlab.studies.sweep import parse_axis
+
+    assert parse_axis("log:1e-4:1e-1:4") == [1e-4, 1e-3, 1e-2, 1e-1]
+    assert parse_axis("lin:0:1:3") == [0.0, 0.5, 1.0]
+    assert parse_axis("range:0:3") == [0, 1, 2] and parse_axis("a,b") == ["a", "b"]
+    with pytest.raises(ConfigError, match="log:LO:HI:N"):
+        parse_axis("log:1e-3:x:3")
+    # an unknown key is caught before any run starts
+    assert main(["sweep", "epochs=1", "model.widht=8,16", f"out={tmp_path}", "jobs=1"]) == 2
+    assert not (tmp_path / "widht").exists()
+    assert main(["sweep", "epochs=1", "model.width=8,16", f"out={tmp_path}", "jobs=1"]) == 0
+    assert "| 16 | finished |" in (tmp_path / "width" / "report.md").read_text()
+
+
+def test_sweep_survives_a_failing_run_and_resumes(tmp_path):
+    from normlab.studies import run_study
+    from normlab.studies.sweep import sweep_from_args
+
+    study, extra = sweep_from_args(["epochs=1", "model.width=8,-1", "model.depth=2"], {})
+    assert study.axes == {"model.width": [8, -1]}
+    path = run_study(study, "quick", 1, tmp_path, progress=False)
+    text = path.read_text()
+    assert "| 8 | finished |" in text and "| -1 | failed |" in text
+    ok = tmp_path / study.name / "runs" / "width=8" / "summary.json"
+    before = ok.stat().st_mtime_ns
+    run_study(study, "quick", 1, tmp_path, progress=False)
+    assert ok.stat().st_mtime_ns == before

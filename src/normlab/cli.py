@@ -2,6 +2,7 @@
 
     normlab train [--config FILE.yaml|json] [key=value ...]
     normlab study NAME|all [scale=quick|paper] [jobs=N] [out=DIR] [data.root=PATH]
+    normlab sweep [--config FILE] KEY=V1,V2,... [KEY=log:LO:HI:N] [key=value ...] [jobs=N] [out=DIR]
     normlab report RUN_DIR... [--out DIR]
     normlab list [models|norms|optimizers|schedules|datasets|studies|extensions]
 
@@ -85,6 +86,19 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser(
+        "sweep",
+        help="train a grid over config keys (parallel, resumable) and tabulate it",
+        description="Train every combination of the swept keys. A key with several values is an "
+        "axis: KEY=a,b,c, KEY=log:LO:HI:N (log-spaced), KEY=lin:LO:HI:N, KEY=range:A:B; any other "
+        "key=value is a fixed override. Results go to OUT/NAME/ (out=sweeps by default; "
+        "sweep_name=NAME, else named after the axes) with report.md.",
+        epilog="example: normlab sweep data=mnist1d optim.lr=log:1e-3:1:4 seed=0,1 jobs=2",
+    )
+    p.add_argument("--config", help="a .yaml or .json file with the base config")
+    p.add_argument("options", nargs="+", metavar="key=value")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
         "report",
         help="a table and curve plots for run directories",
         description="Write report.md with a table and curves for the given run directories.",
@@ -150,6 +164,26 @@ def _cmd_study(args) -> int:
         path = run_all(scale, jobs, out, data_root)
     else:
         path = run_study(args.name, scale, jobs, out, data_root)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .config import load_config_file
+    from .studies import run_study
+    from .studies.sweep import sweep_from_args
+
+    base = load_config_file(args.config) if args.config else {}
+    study, extra = sweep_from_args(args.options, base)
+    jobs = extra.get("jobs", 2)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be a positive integer, got {jobs!r}")
+    # validate every run's config before starting any of them
+    from .config import resolve
+
+    for spec in study.runs("quick"):
+        resolve(spec.config)
+    path = run_study(study, "quick", jobs, extra.get("out", "sweeps"))
     print(f"report: {path}")
     return 0
 
