@@ -1,0 +1,575 @@
+"""Tests of normlab.optim.SGDG against an independent float64 transcription of Algorithm 1."""
+
+import copy
+
+import geoopt
+import pytest
+import torch
+
+from normlab.optim import SGDG
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# independent reference: Cho & Lee 2017, Algorithm 1 (+ orthogonality gradient as in the PT code),
+# written row by row from the paper's formulas with explicit unit directions (no normlab code)
+# ----------------------------------------------------------------------------------------------
+
+
+def paper_sgdg_step(W, grad, tau, *, lr, momentum, grad_clip=None, omega=0.0, nesterov=False):
+    """One SGD-G step on a weight W (rows = points); returns (W_new, tau_new) in float64."""
+    rows = W.shape[0] if W.dim() > 1 else 1
+    Y = W.reshape(rows, -1).double().clone()
+    Y = Y / Y.norm(dim=1, keepdim=True)  # re-normalized point
+    G = grad.reshape(rows, -1).double().clone()
+    if omega and rows <= Y.shape[1]:
+        G = G + 2 * omega * (Y @ Y.T @ Y - Y)
+    T = tau.reshape(rows, -1).double()
+    Wn, Tn = torch.empty_like(Y), torch.empty_like(Y)
+    for i in range(rows):
+        y, g, t = Y[i], G[i], T[i]
+        h = g - (y @ g) * y
+        if grad_clip is not None and h.norm() > grad_clip:
+            h = grad_clip * h / h.norm()
+        m = momentum * t - lr * h
+        d = momentum * m - lr * h if nesterov else m
+        nd = d.norm()
+        if nd == 0:
+            Wn[i], Tn[i] = y, m
+            continue
+        u = d / nd
+        Wn[i] = y * torch.cos(nd) + u * torch.sin(nd)
+        # pt_y(m; d) = m - (u.m)(y sin|d| + u (1 - cos|d|))
+        Tn[i] = m - (u @ m) * (y * torch.sin(nd) + u * (1 - torch.cos(nd)))
+    return Wn.reshape(W.shape), Tn.reshape(W.shape)
+
+
+def _unit_rows(shape, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    rows = w.reshape(shape[0] if len(shape) > 1 else 1, -1)
+    return (rows / rows.norm(dim=1, keepdim=True)).reshape(shape)
+
+
+def _row_norms(p):
+    return p.detach().reshape(p.shape[0] if p.dim() > 1 else 1, -1).double().norm(dim=1)
+
+
+def _grads(shapes, seed, scale=1.0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+
+
+SHAPES = [(8, 3, 3, 3), (16, 8, 3, 3), (5, 7), (6,), (20, 4), (3, 2, 1, 1)]
+VARIANTS = [
+    dict(momentum=0.9),
+    dict(momentum=0.0),
+    dict(momentum=0.9, grad_clip=0.1),
+    dict(momentum=0.9, omega=0.1),
+    dict(momentum=0.9, omega=0.1, grad_clip=0.1),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.5, nesterov=True, omega=0.2, grad_clip=0.05),
+]
+
+
+def _make(shapes, seed, variant, foreach, lr=0.2):
+    params = [torch.nn.Parameter(_unit_rows(s, seed + k)) for k, s in enumerate(shapes)]
+    group = dict(params=params, lr=lr, grassmann=True, **variant)
+    return params, SGDG([group], foreach=foreach)
+
+
+# ----------------------------------------------------------------------------------------------
+# the update rule
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_paper_equations(variant, foreach):
+    params, opt = _make(SHAPES, 0, variant, foreach)
+    W = [p.detach().clone() for p in params]
+    taus = [torch.zeros_like(w) for w in W]
+    for step in range(5):
+        grads = _grads(SHAPES, 100 + step, scale=0.5)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for k, g in enumerate(grads):
+            W[k], taus[k] = paper_sgdg_step(W[k], g, taus[k], lr=0.2, **variant)
+    for p, w, t in zip(params, W, taus):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], t, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_path_equals_reference(seed, variant):
+    pa, ref = _make(SHAPES, seed, variant, foreach=False, lr=0.3)
+    pb, fast = _make(SHAPES, seed, variant, foreach=True, lr=0.3)
+    for step in range(8):
+        for a, b, g in zip(pa, pb, _grads(SHAPES, 1000 * seed + step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        fast.step()
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            ref.state[a]["momentum_buffer"], fast.state[b]["momentum_buffer"], rtol=0, atol=1e-10
+        )
+
+
+def test_first_step_is_a_clipped_geodesic_step():
+    # momentum 0, one row: the row rotates by exactly min(lr |h|, lr nu) towards -h
+    w = torch.nn.Parameter(torch.tensor([[1.0, 0.0, 0.0]], dtype=F64))
+    opt = SGDG([w], lr=0.5, grassmann=True, grad_clip=0.1)
+    w.grad = torch.tensor([[7.0, 0.0, -3.0]], dtype=F64)  # radial part 7 is ignored
+    opt.step()
+    angle = 0.5 * 0.1
+    torch.testing.assert_close(
+        w.detach(),
+        torch.tensor(
+            [[torch.cos(torch.tensor(angle)), 0.0, torch.sin(torch.tensor(angle))]], dtype=F64
+        ),
+    )
+
+
+def test_matches_geoopt_riemannian_sgd_on_sphere_exact():
+    # without momentum and clipping SGD-G is Riemannian gradient descent with the exponential map
+    shape = (6, 10)
+    w0 = _unit_rows(shape, 3)
+    ours = torch.nn.Parameter(w0.clone())
+    theirs = geoopt.ManifoldParameter(w0.clone(), manifold=geoopt.SphereExact())
+    opt_a = SGDG([ours], lr=0.3, grassmann=True)
+    opt_b = geoopt.optim.RiemannianSGD([theirs], lr=0.3)
+    for step in range(5):
+        g = _grads([shape], 50 + step)[0]
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# invariants
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rows_stay_on_sphere_for_10000_steps():
+    # float32, fast path, paper-like settings; the point is re-normalized only at the start of
+    # each step, so this checks that the exponential map never lets the rows drift
+    shapes = [(5, 2, 2, 2)]
+    params = [
+        torch.nn.Parameter(_unit_rows(s, k, dtype=torch.float32)) for k, s in enumerate(shapes)
+    ]
+    opt = SGDG(
+        [dict(params=params, lr=0.5, momentum=0.9, omega=0.1, grad_clip=0.5, grassmann=True)]
+    )
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(10_000, *s, generator=gen) for s in shapes]
+    for t in range(10_000):
+        for p, g in zip(params, grads):
+            p.grad = g[t]
+        opt.step()
+    for p in params:
+        assert (_row_norms(p) - 1).abs().max() < 1e-6
+        tau = opt.state[p]["momentum_buffer"].reshape(p.shape[0], -1).double()
+        y = p.detach().reshape(tau.shape).double()
+        assert ((tau * y).sum(1).abs() / tau.norm(dim=1)).max() < 1e-5  # momentum stays tangent
+
+
+def test_construction_normalizes_rows_and_leaves_euclidean_groups():
+    w = torch.nn.Parameter(3.0 * torch.randn(4, 2, 3, 3))
+    b = torch.nn.Parameter(3.0 * torch.ones(4))
+    SGDG([{"params": [w], "grassmann": True}, {"params": [b]}], lr=0.1)
+    torch.testing.assert_close(_row_norms(w), torch.ones(4, dtype=F64))
+    assert (b.detach() == 3.0).all()
+
+
+def _bn_model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
+    ).double()
+
+
+def _train(model, opt, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=gen, dtype=F64)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _paper_groups(model, **manifold):
+    lin1, bn, _, lin2 = model
+    return [
+        dict(params=[lin1.weight], lr=0.2, momentum=0.9, grassmann=True, **manifold),
+        dict(
+            params=[bn.weight, bn.bias, lin1.bias, lin2.bias],
+            lr=0.05,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=0.0,
+        ),
+        dict(params=[lin2.weight], lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    ]
+
+
+@pytest.mark.parametrize("factor", [0.01, 3.7, 250.0])
+def test_trajectory_invariant_to_prescaling_bn_fed_weights(factor):
+    base, scaled = _bn_model(0), _bn_model(0)
+    with torch.no_grad():
+        scaled[0].weight.mul_(factor)
+    opt_a = SGDG(_paper_groups(base, omega=0.1, grad_clip=0.1))
+    opt_b = SGDG(_paper_groups(scaled, omega=0.1, grad_clip=0.1))
+    losses_a = _train(base, opt_a, 15)
+    losses_b = _train(scaled, opt_b, 15)
+    assert losses_a == pytest.approx(losses_b, abs=1e-10)
+    for pa, pb in zip(base.parameters(), scaled.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-10)
+
+
+def test_plain_sgd_is_not_invariant_to_prescaling():
+    # the property above is not trivial: the same experiment with torch SGD diverges
+    base, scaled = _bn_model(0), _bn_model(0)
+    with torch.no_grad():
+        scaled[0].weight.mul_(3.7)
+    la = _train(base, torch.optim.SGD(base.parameters(), lr=0.2, momentum=0.9), 10)
+    lb = _train(scaled, torch.optim.SGD(scaled.parameters(), lr=0.2, momentum=0.9), 10)
+    assert abs(la[-1] - lb[-1]) > 1e-4
+
+
+def test_euclidean_groups_equal_torch_sgd():
+    a, b = _bn_model(1), _bn_model(1)
+    opt_a = SGDG(a.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    _train(a, opt_a, 6)
+    _train(b, opt_b, 6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-14)
+
+
+def test_seed_parameter_groups_work_unchanged():
+    model = _bn_model(2)
+    lin1, bn, _, lin2 = model
+    dict_g = {
+        "params": [lin1.weight],
+        "lr": 0.2,
+        "momentum": 0.9,
+        "grassmann": True,
+        "omega": 0.1,
+        "grad_clip": 0.1,
+    }
+    dict_e0 = {
+        "params": [bn.weight, bn.bias, lin1.bias, lin2.bias],
+        "lr": 0.01,
+        "momentum": 0.9,
+        "grassmann": False,
+        "weight_decay": 0.0,
+        "nesterov": True,
+    }
+    dict_e1 = {
+        "params": [lin2.weight],
+        "lr": 0.01,
+        "momentum": 0.9,
+        "grassmann": False,
+        "weight_decay": 5e-4,
+        "nesterov": True,
+    }
+    opt = SGDG([dict_g, dict_e0, dict_e1])
+    losses = _train(model, opt, 30)
+    assert losses[-1] < losses[0]
+
+
+def test_constructor_omega_is_honoured():
+    def run(**kw):
+        w = torch.nn.Parameter(_unit_rows((4, 9), 0))
+        opt = SGDG([w], lr=0.1, momentum=0.9, grassmann=True, **kw)
+        w.grad = torch.zeros_like(w)
+        opt.step()
+        return w.detach()
+
+    no_ortho, ctor = run(), run(omega=0.5)
+    assert not torch.allclose(no_ortho, ctor)
+    w = torch.nn.Parameter(_unit_rows((4, 9), 0))
+    opt = SGDG([dict(params=[w], omega=0.5)], lr=0.1, momentum=0.9, grassmann=True)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    torch.testing.assert_close(w.detach(), ctor, rtol=0, atol=0)
+
+
+def test_grad_is_never_modified():
+    model = _bn_model(3)
+    opt = SGDG(_paper_groups(model, omega=0.1, grad_clip=0.1), weight_decay=5e-4)
+    x = torch.randn(8, 6, dtype=F64)
+    model(x).square().sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad, g)
+
+
+def test_closure_loss_is_returned():
+    w = torch.nn.Parameter(_unit_rows((3, 4), 0))
+    opt = SGDG([w], lr=0.1, grassmann=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * torch.arange(12.0, dtype=F64).view(3, 4)).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert (
+        isinstance(loss, torch.Tensor) and loss.requires_grad is False or loss.grad_fn is not None
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# state, schedulers, grads
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_state_dict_round_trip_continues_identically(foreach):
+    model = _bn_model(4)
+    opt = SGDG(_paper_groups(model, omega=0.1, grad_clip=0.1), foreach=foreach)
+    _train(model, opt, 5, seed=1)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    losses_a = _train(model, opt, 5, seed=2)
+
+    # resume in the usual order: build model and optimizer, then load both checkpoints (building
+    # the optimizer after loading would re-normalize the rows, a change at the ulp level)
+    model_b = _bn_model(99)
+    opt_b = SGDG(_paper_groups(model_b), foreach=foreach)  # hyper-parameters come from the dict
+    model_b.load_state_dict(saved_model)
+    opt_b.load_state_dict(saved_opt)
+    assert opt_b.param_groups[0]["omega"] == 0.1
+    losses_b = _train(model_b, opt_b, 5, seed=2)
+    assert losses_a == losses_b
+    for pa, pb in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_lr_scheduler_composes_and_never_resets_state():
+    shapes = [(4, 9), (3, 5)]
+    pa, opt_a = _make(shapes, 0, dict(momentum=0.9, grad_clip=0.3), None, lr=0.2)
+    pb, opt_b = _make(shapes, 0, dict(momentum=0.9, grad_clip=0.3), None, lr=0.2)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt_a, milestones=[3, 6], gamma=0.2)
+    lrs = []
+    for step in range(9):
+        lrs.append(opt_a.param_groups[0]["lr"])
+        for a, b, g in zip(pa, pb, _grads(shapes, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        buf_before = opt_a.state[pa[0]]["momentum_buffer"].clone() if step else None
+        opt_a.step()
+        sched.step()
+        opt_b.param_groups[0]["lr"] = 0.2 * 0.2 ** ((step >= 3) + (step >= 6))
+        opt_b.step()
+        if step in (3, 6):  # the momentum survived the LR drop: the buffer was not zeroed
+            assert buf_before.abs().sum() > 0
+    assert lrs == pytest.approx([0.2] * 3 + [0.04] * 3 + [0.008] * 3)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # and it equals the paper's rule run with that LR sequence and a persistent momentum
+    w = _unit_rows((4, 9), 0)
+    tau = torch.zeros_like(w)
+    for step, lr in enumerate(lrs):
+        w, tau = paper_sgdg_step(
+            w, _grads(shapes, step)[0], tau, lr=lr, momentum=0.9, grad_clip=0.3
+        )
+    torch.testing.assert_close(pa[0].detach(), w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_none_grads_are_skipped_and_zero_grads_are_safe(foreach):
+    a = torch.nn.Parameter(_unit_rows((3, 4), 0))
+    b = torch.nn.Parameter(_unit_rows((2, 5), 1))
+    opt = SGDG(
+        [a, b], lr=0.1, momentum=0.9, grassmann=True, grad_clip=0.1, omega=0.1, foreach=foreach
+    )
+    b0 = b.detach().clone()
+    a.grad = torch.zeros_like(a)
+    opt.step()
+    assert b not in opt.state and torch.equal(b.detach(), b0)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(_row_norms(a), torch.ones(3, dtype=F64))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16])
+def test_zero_rows_stay_zero_without_nan(foreach, dtype):
+    w = _unit_rows((4, 6), 0, dtype=dtype)
+    w[2] = 0
+    w = torch.nn.Parameter(w)
+    opt = SGDG([w], lr=0.2, momentum=0.9, grassmann=True, grad_clip=0.1, omega=0.1, foreach=foreach)
+    for _step in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert torch.isfinite(w).all()
+    assert (w.detach()[2] == 0).all()
+    assert torch.isfinite(opt.state[w]["momentum_buffer"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_low_precision_params(dtype, foreach):
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3).to(dtype))
+    opt = SGDG([w], lr=0.2, momentum=0.9, grassmann=True, grad_clip=0.1, omega=0.1, foreach=foreach)
+    for _step in range(20):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert w.dtype == dtype and torch.isfinite(w).all()
+    assert (_row_norms(w) - 1).abs().max() < 1e-2
+    assert opt.state[w]["momentum_buffer"].dtype == torch.float32
+    # the float32 state survives a state_dict round trip (torch would cast it to the param dtype)
+    opt2 = SGDG([w], lr=0.2, momentum=0.9, grassmann=True)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[w]["momentum_buffer"].dtype == torch.float32
+    torch.testing.assert_close(opt2.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+
+
+def test_low_precision_fast_path_equals_reference():
+    shape = (8, 4, 3, 3)
+    w0 = torch.randn(shape).to(torch.bfloat16)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt_a = SGDG([a], lr=0.2, momentum=0.9, grassmann=True, grad_clip=0.1, foreach=False)
+    opt_b = SGDG([b], lr=0.2, momentum=0.9, grassmann=True, grad_clip=0.1, foreach=True)
+    for _step in range(5):
+        g = torch.randn(shape).to(torch.bfloat16)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    # same float32 maths, rounded to bfloat16 once per step: equal up to one bf16 ulp
+    torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_channels_last_conv_weight(foreach):
+    shape = (8, 4, 3, 3)
+    w0 = _unit_rows(shape, 0)
+    a = torch.nn.Parameter(w0.clone())
+    b = torch.nn.Parameter(w0.clone().to(memory_format=torch.channels_last))
+    ptr = b.data_ptr()
+    kw = dict(lr=0.2, momentum=0.9, grassmann=True, grad_clip=0.1, omega=0.1, foreach=foreach)
+    opt_a, opt_b = SGDG([a], **kw), SGDG([b], **kw)
+    for step in range(5):
+        g = _grads([shape], step)[0]
+        a.grad = g.clone()
+        b.grad = g.clone().to(memory_format=torch.channels_last)
+        opt_a.step()
+        opt_b.step()
+    assert b.is_contiguous(memory_format=torch.channels_last) and b.data_ptr() == ptr
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # a contiguous gradient for a channels_last weight also works
+    b.grad = _grads([shape], 9)[0]
+    opt_b.step()
+    assert torch.isfinite(b).all()
+
+
+def test_non_contiguous_parameter_view():
+    base = _unit_rows((9, 4), 0).t().contiguous()  # (4, 9) storage
+    w = torch.nn.Parameter(base.t())  # (9, 4) transposed view: rows are strided
+    opt = SGDG([w], lr=0.2, momentum=0.9, grassmann=True)
+    for _step in range(3):
+        w.grad = torch.randn(9, 4, dtype=F64)
+        opt.step()
+    torch.testing.assert_close(_row_norms(w), torch.ones(9, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=-0.1),
+        dict(lr=0.1, momentum=-0.5),
+        dict(lr=0.1, momentum=1.0),
+        dict(lr=0.1, weight_decay=-1e-4),
+        dict(lr=0.1, omega=-0.1),
+        dict(lr=0.1, grad_clip=0.0),
+        dict(lr=0.1, grad_clip=-1.0),
+        dict(lr=0.1, nesterov=True),
+        dict(lr=0.1, grassmann="yes"),
+        dict(lr=0.1, ortho_dtype="bfloat16"),
+        dict(lr=0.1, ortho_dtype=torch.int8),
+        dict(lr=float("nan")),
+    ],
+)
+def test_bad_hyper_parameters_raise(kwargs):
+    with pytest.raises(ValueError, match="Invalid"):
+        SGDG([torch.nn.Parameter(torch.randn(3, 4))], **kwargs)
+
+
+def test_bad_group_value_raises_and_missing_lr():
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="Invalid"):
+        SGDG([{"params": [w], "lr": 0.1, "grad_clip": -2.0}])
+    with pytest.raises(ValueError):
+        SGDG([w])  # no learning rate anywhere
+    opt = SGDG([w], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "omega": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# a problem with a known answer
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_converges_to_leading_eigenvector(foreach):
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=F64))
+    eigvals = torch.linspace(1.0, 3.0, 20, dtype=F64)
+    A = Q @ torch.diag(eigvals) @ Q.T
+    x = torch.nn.Parameter(torch.randn(1, 20, generator=gen, dtype=F64))
+    opt = SGDG([x], lr=0.05, momentum=0.9, grassmann=True, grad_clip=0.5, foreach=foreach)
+    for _ in range(400):
+        opt.zero_grad()
+        loss = -(x @ A @ x.T).squeeze()  # maximize the Rayleigh quotient on the sphere
+        loss.backward()
+        opt.step()
+    top = Q[:, -1]
+    assert abs(x.detach()[0] @ top) > 1 - 1e-8
+    assert -loss.item() == pytest.approx(3.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_bfloat16_ortho_products_approximate_the_exact_term(foreach):
+    # opt-in low-precision matrix products for the orthogonality term only
+    shape = (16, 8, 3, 3)
+    w0 = _unit_rows(shape, 0, dtype=torch.float32)
+    g = 0.01 * _grads([shape], 1, dtype=torch.float32)[0]
+    moved = {}
+    for dtype in (None, torch.bfloat16):
+        w = torch.nn.Parameter(w0.clone())
+        opt = SGDG([w], lr=0.2, grassmann=True, omega=0.5, ortho_dtype=dtype, foreach=foreach)
+        w.grad = g.clone()
+        opt.step()
+        moved[dtype] = w.detach() - w0
+    err = (moved[torch.bfloat16] - moved[None]).norm() / moved[None].norm()
+    assert 0 < err < 2e-2
+
+
+def test_pickle_and_deepcopy_keep_working():
+    import pickle
+
+    w = torch.nn.Parameter(_unit_rows((4, 9), 0))
+    opt = SGDG([w], lr=0.1, momentum=0.9, grassmann=True, omega=0.1)
+    w.grad = torch.randn(4, 9, dtype=F64)
+    opt.step()
+    for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert clone.param_groups[0]["omega"] == 0.1
+        p = clone.param_groups[0]["params"][0]
+        p.grad = torch.randn(4, 9, dtype=F64)
+        clone.step()
+        torch.testing.assert_close(_row_norms(p), torch.ones(4, dtype=F64))
