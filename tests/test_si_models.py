@@ -14,6 +14,8 @@ from normlab.models.scale_invariant import (
     ConvNetSI,
     ConvNetSIAf,
     MLPSIAf,
+    ResNet18SI,
+    ResNet18SIAf,
     make_head,
 )
 from normlab.optim import SphereSGD
@@ -149,6 +151,8 @@ def test_registry_dict_and_bad_arguments():
         "mlp_si_af": MLPSIAf,
         "convnet_si": ConvNetSI,
         "convnet_si_af": ConvNetSIAf,
+        "resnet18_si": ResNet18SI,
+        "resnet18_si_af": ResNet18SIAf,
     }
     with pytest.raises(ValueError, match="Invalid width"):
         MLPSI((20,), 10, width=0)
@@ -177,4 +181,87 @@ def test_sphere_training_of_a_fully_si_mlp_lowers_the_loss_at_fixed_norm():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+    assert scale_invariant_norm(si) == pytest.approx(rho, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ ResNet18SI
+RESNET_CASES = [(ResNet18SI, (3, 8, 8)), (ResNet18SI, (2, 16)), (ResNet18SIAf, (3, 8, 8))]
+
+
+def _scaled_copy(model: nn.Module, names: set[str], factor: float) -> nn.Module:
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in scaled.named_parameters():
+            if n in names:
+                p.mul_(factor)
+    return scaled
+
+
+@pytest.mark.parametrize("cls,in_shape", RESNET_CASES)
+def test_resnet18_si_is_jointly_but_not_individually_invariant(cls, in_shape):
+    torch.manual_seed(0)
+    model = _model(cls, in_shape, dict(width_multiplier=1 / 16), eps=1e-30)
+    x = _batch(in_shape, 3)
+    out = model(x)
+    assert out.shape == (16, 5)
+    si_ids = {id(p) for p in model.scale_invariant_parameters()}
+    names = {n for n, p in model.named_parameters() if id(p) in si_ids}
+    convs = {
+        n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)
+    }
+    assert names == convs  # every conv weight, nothing else
+    for factor in (0.2, 4.0):
+        torch.testing.assert_close(_scaled_copy(model, names, factor)(x), out, rtol=1e-9, atol=1e-9)
+    # a block's first conv feeds BN directly: SI alone; the stem feeds the residual stream: not
+    torch.testing.assert_close(
+        _scaled_copy(model, {"blocks.1.conv1.weight"}, 4.0)(x), out, rtol=1e-9, atol=1e-9
+    )
+    assert (_scaled_copy(model, {"stem.weight"}, 4.0)(x) - out).norm() > 1e-3 * out.norm()
+    # Euler's identity holds for the joint point, not tensor by tensor
+    y = torch.randint(0, 5, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    si = model.scale_invariant_parameters()
+    assert abs(radial_cosine([p.grad for p in si], si)) < 1e-10
+    assert max(abs(radial_cosine([p.grad], [p])) for p in si) > 1e-4
+
+
+def test_resnet18_si_head_and_af_variant():
+    torch.manual_seed(0)
+    a = ResNet18SI((3, 8, 8), 10, width_multiplier=1 / 8)
+    torch.manual_seed(1)
+    b = ResNet18SI((3, 8, 8), 10, width_multiplier=1 / 8)
+    assert a.head.bias is None and not a.head.weight.requires_grad
+    assert a.head.in_features == 64 and a.head.weight.norm().item() == pytest.approx(10.0, rel=1e-6)
+    assert torch.equal(a.head.weight, b.head.weight)  # the same fixed head for every seed
+    assert not torch.equal(a.stem.weight, b.stem.weight)
+    assert a.other_parameters() == []
+    assert all(not m.affine for m in a.modules() if isinstance(m, nn.BatchNorm2d))
+    af = ResNet18SIAf((3, 8, 8), 10, width_multiplier=1 / 8)
+    bn = [m for m in af.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(m.affine for m in bn) and af.head.weight.requires_grad
+    assert len(af.other_parameters()) == 2 * len(bn) + 1  # gamma, beta per BN; the head weight
+    assert len(af.scale_invariant_parameters()) == len(a.scale_invariant_parameters()) == 20
+    with pytest.raises(ValueError, match="Invalid width_multiplier"):
+        ResNet18SI((3, 8, 8), 10, width_multiplier=0)
+    with pytest.raises(ValueError, match="Invalid num_classes"):
+        ResNet18SI((3, 8, 8), 1)
+
+
+def test_resnet18_si_trains_on_one_joint_sphere():
+    torch.manual_seed(0)
+    model = ResNet18SI((3, 8, 8), 4, width_multiplier=1 / 16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 8, 8, generator=gen)
+    y = x[:, 0, 0, :4].argmax(1)
+    si = model.scale_invariant_parameters()
+    rho = scale_invariant_norm(si)
+    opt = SphereSGD([{"params": si}], elr=0.05)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
     assert scale_invariant_norm(si) == pytest.approx(rho, rel=1e-6)

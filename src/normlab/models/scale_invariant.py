@@ -15,8 +15,16 @@ scale, so a random-guess loss sits near 10 rather than ``ln C``). The head is fr
 ``requires_grad=False`` (the original froze it by giving it lr 0 in the optimizer; here it has no
 gradient at all, so it cannot be trained by accident and costs no backward work).
 
-"Af" variants (``MLPSIAf``, ``ConvNetSIAf``): BN with ``affine=True`` and a head trained from its
-default init; the SI set is still the body's weights, BN's gamma/beta and the head are not SI.
+"Af" variants (``MLPSIAf``, ``ConvNetSIAf``, ``ResNet18SIAf``): BN with ``affine=True`` and a head
+trained from its default init; the SI set is still the body's weights, BN's gamma/beta and the head
+are not SI.
+
+``ResNet18SI`` is normlab's pre-activation ResNet-18 with ``affine=False`` BN and the fixed head
+(bias-free, as the original's). Its residual stream makes most convs scale-invariant only
+*jointly*: the stem, every block's second conv and the shortcut convs all add into the stream, so
+scaling one alone changes the output, while scaling every conv by ``c`` scales the stream by ``c``
+and the next BN removes it. Only each block's first conv (it feeds BN directly) is SI on its own.
+Train it on one joint sphere (``SphereSGD`` granularity ``"global"``, the paper's choice).
 
 Every model exposes ``scale_invariant_parameters()`` and ``other_parameters()`` (the trainable
 non-SI ones) to build :class:`~normlab.optim.SphereSGD` groups. ``head_seed=None`` draws the head
@@ -24,7 +32,8 @@ from the global RNG instead; ``init_scale=None`` (or <= 0) keeps the head's defa
 
 References: Kodryan, Lobacheva, Nakhodnov, Vetrov, "Training Scale-Invariant Neural Networks on the
 Sphere Can Happen in Three Regimes", NeurIPS 2022 (arXiv 2209.03695); official code
-``tipt0p/three_regimes_on_the_sphere`` (``nets/convnet_si.py``, ``nets/convnet_si_af.py``).
+``tipt0p/three_regimes_on_the_sphere`` (``nets/convnet_si.py``, ``nets/convnet_si_af.py``,
+``nets/resnet_si.py``, ``nets/resnet_si_af.py``).
 """
 
 from __future__ import annotations
@@ -35,8 +44,18 @@ import torch
 import torch.nn as nn
 
 from ._layers import adaptive_max_pool, conv, max_pool, spatial_dims
+from .resnet import PreActResNet18
 
-__all__ = ["MLPSI", "MLPSIAf", "ConvNetSI", "ConvNetSIAf", "SCALE_INVARIANT_MODELS", "make_head"]
+__all__ = [
+    "MLPSI",
+    "MLPSIAf",
+    "ConvNetSI",
+    "ConvNetSIAf",
+    "ResNet18SI",
+    "ResNet18SIAf",
+    "SCALE_INVARIANT_MODELS",
+    "make_head",
+]
 
 
 def make_head(
@@ -236,9 +255,100 @@ class ConvNetSIAf(ConvNetSI):
         )
 
 
-SCALE_INVARIANT_MODELS: dict[str, type[_ScaleInvariantNet]] = {
+class ResNet18SI(PreActResNet18):
+    """Fully SI pre-activation ResNet-18: BN ``affine=False`` everywhere and a fixed head.
+
+    The body is :class:`normlab.models.resnet.PreActResNet18` (3x3 stem, four stages of two
+    pre-activation blocks, widths ``64, 128, 256, 512`` times ``width_multiplier``, strides
+    1/2/2/2, bias-free convs, final BN -> ReLU -> global average pool); the head
+    ``Linear(8k -> num_classes, bias=head_bias)`` is drawn as in :func:`make_head` and rescaled to
+    norm ``init_scale``. Differences from the original ``nets/resnet_si.py``: the width is set by
+    ``width_multiplier`` (the original's ``init_channels`` k = 64 * width_multiplier), and the
+    downsampling shortcut is normlab's ``BN -> ReLU -> conv1x1`` of the block (the original:
+    ``BN -> conv1x1``); both are SI jointly with the rest of the stream.
+
+    ``scale_invariant_parameters()`` is every conv weight: jointly (not individually) SI, see the
+    module docstring.
+
+    Args:
+        in_shape: ``(C, L)`` or ``(C, H, W)``.
+        num_classes: outputs of the head.
+        width_multiplier: stage widths ``64, 128, 256, 512`` times this.
+        init_scale, head_seed, affine, freeze_head: as in :class:`MLPSI`.
+        head_bias: give the head a bias (the original's ResNet head has none).
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        num_classes: int,
+        width_multiplier: float = 1.0,
+        init_scale: float | None = 10.0,
+        head_seed: int | None = 228,
+        affine: bool = False,
+        freeze_head: bool = True,
+        head_bias: bool = False,
+    ):
+        if num_classes < 2:
+            raise ValueError(f"Invalid num_classes: {num_classes} (must be >= 2)")
+        if not width_multiplier > 0:
+            raise ValueError(f"Invalid width_multiplier: {width_multiplier} (must be > 0)")
+        super().__init__(in_shape, num_classes, width_multiplier, norm="bn", affine=affine)
+        # The parent's default head is replaced (its global-RNG draw comes after every conv init).
+        self.head = make_head(
+            self.head.in_features, num_classes, init_scale, head_seed, head_bias, freeze_head
+        )
+
+    def scale_invariant_parameters(self) -> list[nn.Parameter]:
+        """Every conv weight (stem, blocks, shortcuts): jointly scale-invariant."""
+        return [
+            m.weight
+            for m in self.modules()
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.weight.requires_grad
+        ]
+
+    def other_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters that are not SI (BN gamma/beta, a trained head); may be []."""
+        si = {id(p) for p in self.scale_invariant_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in si]
+
+
+class ResNet18SIAf(ResNet18SI):
+    """:class:`ResNet18SI` with affine BatchNorm and a head trained from its default init.
+
+    The original code allows this model only in conventional (``fix_lr``) training; here it also
+    trains on the sphere (the conv weights stay jointly SI with affine BN; gamma/beta and the head
+    form the non-SI group).
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        num_classes: int,
+        width_multiplier: float = 1.0,
+        init_scale: float | None = None,
+        head_seed: int | None = 228,
+        affine: bool = True,
+        freeze_head: bool = False,
+        head_bias: bool = False,
+    ):
+        super().__init__(
+            in_shape,
+            num_classes,
+            width_multiplier,
+            init_scale,
+            head_seed,
+            affine,
+            freeze_head,
+            head_bias,
+        )
+
+
+SCALE_INVARIANT_MODELS: dict[str, type[nn.Module]] = {
     "mlp_si": MLPSI,
     "mlp_si_af": MLPSIAf,
     "convnet_si": ConvNetSI,
     "convnet_si_af": ConvNetSIAf,
+    "resnet18_si": ResNet18SI,
+    "resnet18_si_af": ResNet18SIAf,
 }

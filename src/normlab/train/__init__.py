@@ -48,3 +48,4 @@ __all__ = [
     "train",
     "weight_decay_groups",
 ]
+from . import sphere_training  # noqa: E402,F401  (SI models, optim=sphere, sphere_metrics)
