@@ -23,6 +23,11 @@ def test_dotted_overrides_and_name_shorthand():
     assert nested["model"]["norm_kwargs"] == {"num_groups": 2}
 
 
+def test_none_names_the_none_choice_of_string_options():
+    cfg = resolve({}, ["model=vgg", "model.norm=none", "data.resize=none"])
+    assert cfg["model"]["norm"] == "none" and cfg["data"]["resize"] is None
+
+
 def test_types_are_coerced_or_rejected():
     cfg = resolve({}, ["optim.lr=1", "epochs=4.0"])
     assert isinstance(cfg["optim"]["lr"], float) and cfg["epochs"] == 4

@@ -257,6 +257,10 @@ def _resolve_options(section: str, given: dict, defaults: dict) -> dict:
 
 def _coerce(key: str, value, default):
     """Bring ``value`` to the type of ``default`` where that is unambiguous."""
+    if value is None and isinstance(default, str):
+        # "none" on the command line parses to None; for a string option (model.norm=none) it
+        # names the choice "none".
+        return "none"
     if default is None or value is None:
         return value
     if isinstance(default, bool):
