@@ -24,3 +24,4 @@ from .config import resolve as resolve_config  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = ["__version__", "resolve_config", "train"]
+from .enorm import ENorm  # noqa: E402,F401
