@@ -49,3 +49,4 @@ __all__ = [
     "weight_decay_groups",
 ]
 from . import sphere_training  # noqa: E402,F401  (SI models, optim=sphere, sphere_metrics)
+from . import riemannian  # noqa: E402,F401  (optim=sgdg, optim=adamg)
