@@ -90,3 +90,11 @@ def test_norm_factory_errors_and_groups():
     x = torch.randn(4, 6, 5, 5)
     ref = torch.nn.functional.layer_norm(x, (6, 5, 5))
     torch.testing.assert_close(ln(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_options_are_checked_at_real_widths():
+    # 20, 50 and 500 channels all divide by 5: valid although 64 would not be
+    model = build_model("lenet", (1, 28, 28), 10, norm="gn", norm_kwargs={"channels_per_group": 5})
+    assert [m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)] == [4, 10, 100]
+    with pytest.raises(ValueError, match="channels_per_group=3 does not divide 20"):
+        build_model("lenet", (1, 28, 28), 10, norm="gn", norm_kwargs={"channels_per_group": 3})
