@@ -34,7 +34,9 @@ TOP_LEVEL_DEFAULTS: dict[str, object] = {
     "resume": False,  # continue from runs/NAME/checkpoint.pt
     "overwrite": False,  # start over in an existing run directory
     "progress": True,  # tqdm bar over each epoch's batches
-    "checkpoint": True,  # write checkpoint.pt at the end of every epoch
+    "checkpoint": True,  # keep checkpoint.pt (model, optimizer, ... and RNG states)
+    "checkpoint_interval": 60.0,  # seconds between epoch-end checkpoints; the last epoch and
+    # Ctrl-C always write one (0 = after every epoch)
     "threads": 0,  # torch intra-op threads; 0 = leave torch's default
 }
 
@@ -292,6 +294,8 @@ def _check_top_level(cfg: dict) -> None:
     device = cfg["device"]
     if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if cfg["checkpoint_interval"] < 0:
+        raise ConfigError("checkpoint_interval must be >= 0 seconds")
     for key in ("crop_padding",):
         if cfg["data"][key] < 0:
             raise ConfigError(f"data.{key} must be >= 0")
