@@ -95,6 +95,10 @@ def test_norm_factory_errors_and_groups():
 def test_norm_options_are_checked_at_real_widths():
     # 20, 50 and 500 channels all divide by 5: valid although 64 would not be
     model = build_model("lenet", (1, 28, 28), 10, norm="gn", norm_kwargs={"channels_per_group": 5})
-    assert [m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)] == [4, 10, 100]
+    assert [m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)] == [
+        4,
+        10,
+        100,
+    ]
     with pytest.raises(ValueError, match="channels_per_group=3 does not divide 20"):
         build_model("lenet", (1, 28, 28), 10, norm="gn", norm_kwargs={"channels_per_group": 3})
