@@ -84,8 +84,10 @@ def main():
     if args.quick:
         args.rounds, args.epochs = 2, 1
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, {args.rounds} rounds x {args.epochs} epochs, batch 128\n")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, {args.rounds} rounds x {args.epochs} epochs, batch 128\n"
+    )
     print("| model | bare loop steps/s | normlab loop steps/s | overhead (median ratio - 1) |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as out:

@@ -87,11 +87,15 @@ class SweepStudy(Study):
         rows = []
         for r in results:
             rows.append(
-                [*(r.spec.labels[k] for k in keys), r.status, r.final("epoch"),
-                 r.final("train_loss"), pm([r.final("test_acc")], 100.0)]
+                [
+                    *(r.spec.labels[k] for k in keys),
+                    r.status,
+                    r.final("epoch"),
+                    r.final("train_loss"),
+                    pm([r.final("test_acc")], 100.0),
+                ]
             )
-        report.table([*keys, "status", "epochs", "final train loss", "test acc %"], rows,
-                     "Results")
+        report.table([*keys, "status", "epochs", "final train loss", "test acc %"], rows, "Results")
         report.data["runs"] = [
             {**r.spec.labels, "status": r.status, "final": r.rows[-1] if r.rows else None}
             for r in results
