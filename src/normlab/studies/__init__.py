@@ -1,9 +1,7 @@
 """The studies that reproduce each method's experiment, and the runner they share."""
 
-from . import baseline  # noqa: F401  (registers the study)
-from . import batch_size  # noqa: F401  (registers the study)
-from . import riemannian_bn  # noqa: F401  (registers the study)
-from . import sphere_regimes  # noqa: F401  (registers the study)
+# importing a study module registers its study
+from . import baseline, batch_size, enorm, riemannian_bn, sphere_regimes  # noqa: F401
 from .base import (
     RunResult,
     RunSpec,

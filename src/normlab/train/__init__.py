@@ -48,5 +48,6 @@ __all__ = [
     "train",
     "weight_decay_groups",
 ]
-from . import sphere_training  # noqa: E402,F401  (SI models, optim=sphere, sphere_metrics)
-from . import riemannian  # noqa: E402,F401  (optim=sgdg, optim=adamg)
+# The methods' glue registers their optimizers, models and extensions (optim=sgdg|adamg|sphere,
+# enorm=..., sphere_metrics=..., the SI models and the fully convolutional net of ENorm).
+from . import enorm_hook, riemannian, sphere_training  # noqa: E402,F401

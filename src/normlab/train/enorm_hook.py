@@ -1,0 +1,169 @@
+r"""ENorm in the training loop: the ``enorm`` extension and the paper's two models.
+
+Models ``fully_connected`` (FC-15: the MLP with the original's Kaiming-normal init) and
+``fully_conv`` (the fully convolutional network), see :mod:`normlab.models.fully_conv`.
+
+``enorm.c=1.2`` (or ``enorm=true`` for the defaults) on the command line, or ``{"enorm": {...}}``
+in a config, adds :class:`ENormCallback`: it builds :class:`normlab.ENorm` on the run's model and
+optimizer when training starts and calls ``enorm.step()`` after every optimizer step (after the
+learning-rate scheduler too: the loop's post-step hook), as the original ``main.py`` does. Options
+are ENorm's own: ``c``, ``p``, ``cycles``, ``every``, ``include_bias``, ``order``, ``exclude``, plus
+``apply``: ``false`` only measures (logs the columns below without ever rescaling), which gives a
+run without ENorm the same weight-norm curves to compare with.
+
+Columns added to ``metrics.csv`` at the end of every epoch:
+
+* ``weight_sq_norm``: the total weight energy \sum_k ||W_k||_F^2 over every Linear / Conv weight of
+  the model (every parameter with >= 2 dims: biases and norm scales excluded), the quantity ENorm
+  minimises for c = 1 and the paper plots;
+* ``enorm_objective``: the objective ENorm descends, J_c = \sum_k c^{-p k} ||W_k||_p^p over the
+  parameters it rescales (k = layer depth), see :meth:`normlab.ENorm.objective`;
+* ``enorm_seconds``: the time spent in ENorm cycles during the epoch (included in ``time``).
+
+The callback checkpoints ENorm's call counter, so a resumed run with ``every > 1`` cycles on the
+same steps as an uninterrupted one (the optimizer state ENorm rescales is in the loop's checkpoint).
+
+A model ENorm cannot rebalance (a GELU, a sigmoid gate, an untraceable forward, ...) or an
+optimizer whose state it cannot transform makes training stop before the first step with a
+:class:`~normlab.errors.UserError` (the CLI prints it and exits with status 2).
+
+References: Stock, Graham, Gribonval, Jegou, "Equi-normalization of Neural Networks", ICLR 2019,
+arXiv:1902.10416; facebookresearch/enorm ``main.py`` (one ``enorm.step()`` after each SGD step).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from .. import config as config_mod
+from ..enorm import ENorm
+from ..errors import UserError
+from ..models import model_names, register_model
+from ..models.fully_conv import FullyConv, fully_connected
+from .callbacks import Callback
+
+__all__ = ["ENORM_DEFAULTS", "ENormCallback", "ENormSetupError", "weight_sq_norm"]
+
+ENORM_DEFAULTS: dict[str, object] = {
+    "c": 1.0,
+    "p": 2,
+    "cycles": 1,
+    "every": 1,
+    "include_bias": False,
+    "order": "sequential",
+    "exclude": [],
+    "apply": True,
+}
+
+for _name, _builder in (("fully_connected", fully_connected), ("fully_conv", FullyConv)):
+    if _name not in model_names():
+        register_model(_name, _builder)
+
+
+class ENormSetupError(UserError):
+    """ENorm cannot be set up for this run (bad option or unsupported optimizer)."""
+
+
+@torch.no_grad()
+def weight_sq_norm(model: nn.Module) -> float:
+    """Sum of ||W||_F^2 over the parameters of ``model`` with >= 2 dims (Linear/Conv weights)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.ndim >= 2:
+            total += p.detach().double().pow(2).sum().cpu()
+    return float(total)
+
+
+class ENormCallback(Callback):
+    """Runs :class:`normlab.ENorm` after each optimizer step and logs the weight norms.
+
+    Args:
+        c, p, cycles, every, include_bias, order, exclude: passed to :class:`normlab.ENorm`.
+        apply: False: build ENorm only to measure (``enorm_objective``, ``weight_sq_norm``); no
+            cycle is ever run, so training is that of a run without ENorm.
+    """
+
+    name = "enorm"
+
+    def __init__(
+        self,
+        c: float = 1.0,
+        p: float = 2,
+        cycles: int = 1,
+        every: int = 1,
+        include_bias: bool = False,
+        order: str = "sequential",
+        exclude=(),
+        apply: bool = True,
+    ):
+        self.options = {
+            "c": c,
+            "p": p,
+            "cycles": cycles,
+            "every": every,
+            "include_bias": include_bias,
+            "order": order,
+            "exclude": tuple(str(name) for name in (exclude or ())),
+        }
+        self.apply = bool(apply)
+        self.enorm: ENorm | None = None
+        self._pending: dict | None = None  # a checkpoint's state, loaded before on_train_start
+        self._seconds = 0.0
+
+    def on_train_start(self, state) -> None:
+        try:
+            self.enorm = ENorm(state.model, state.optimizer, **self.options)
+        except UserError:
+            raise  # ENormGraphError: the message already names the layer and the fix
+        except (TypeError, ValueError) as exc:
+            raise ENormSetupError(f"enorm: {exc}") from exc
+        if self._pending is not None:
+            self.enorm.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_step_end(self, state, loss) -> None:
+        if not self.apply:
+            return
+        start = time.perf_counter()
+        self.enorm.step()
+        self._seconds += time.perf_counter() - start
+
+    def on_epoch_end(self, state) -> dict:
+        seconds, self._seconds = self._seconds, 0.0
+        return {
+            "weight_sq_norm": weight_sq_norm(state.model),
+            "enorm_objective": float(self.enorm.objective()) if self.enorm else float("nan"),
+            "enorm_seconds": seconds,
+        }
+
+    def state_dict(self) -> dict:
+        if self.enorm is not None:
+            return self.enorm.state_dict()
+        return dict(self._pending or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.enorm is not None:
+            self.enorm.load_state_dict(state)
+        else:
+            self._pending = dict(state)
+
+
+def _build(state, options: dict) -> ENormCallback:
+    return ENormCallback(**options)
+
+
+config_mod.register_extension(
+    config_mod.Extension(
+        "enorm",
+        ENORM_DEFAULTS,
+        _build,
+        "ENorm (equi-normalization) after every optimizer step: c, p, cycles, every, include_bias, "
+        "order (sequential|simultaneous), exclude (module names), apply (false: only log "
+        "weight_sq_norm / enorm_objective)",
+    )
+)
