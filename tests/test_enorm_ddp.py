@@ -4,6 +4,7 @@ Each rank sees different data and keeps its own BatchNorm running statistics
 (``broadcast_buffers=False``), so anything rank-local leaking into ENorm would split the ranks.
 """
 
+import gc
 import json
 import os
 import socket
@@ -67,9 +68,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             stats = dict(model.module.named_buffers())["bn.running_mean"]
             stats_gap = _gap(stats.clone(), world)
             result[order] = (param_gap, stats_gap)
+            # Release DDP's reducer while the group is alive: a reducer torn down after
+            # destroy_process_group can abort the process ("terminate called ...").
+            del model, opt, enorm
+            gc.collect()
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
+        dist.barrier()  # nobody leaves while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -39,12 +39,29 @@ def distributed_info() -> DistributedInfo:
     )
 
 
-def init_distributed(info: DistributedInfo, device: torch.device) -> None:
-    """Join the default process group if torchrun started several processes."""
+def init_distributed(info: DistributedInfo, device: torch.device) -> bool:
+    """Join the default process group if torchrun started several processes.
+
+    Returns True when this call created the group (so the caller owns its teardown); a group the
+    user set up before calling :func:`normlab.train.train` is left alone.
+    """
     if not info.enabled or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    return True
+
+
+def close_distributed() -> None:
+    """Leave the process group after a successful run.
+
+    The barrier keeps a rank from tearing down while a peer still talks to it; a group left to the
+    interpreter's exit can abort the process ("terminate called without an active exception").
+    Not called after an error: destroying a group while peers are mid-collective can deadlock.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistributedInfo) -> torch.Tensor:

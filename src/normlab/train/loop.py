@@ -12,6 +12,7 @@ directory (see :mod:`normlab.train.rundir`). It ends with a status:
 
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import random
@@ -32,6 +33,7 @@ from .callbacks import Callback, CallbackList
 from .distributed import (
     DistributedInfo,
     all_reduce_sum,
+    close_distributed,
     distributed_info,
     init_distributed,
     pick_device,
@@ -119,7 +121,7 @@ def train(
     cfg = config_mod.resolve(config, overrides)
     info = distributed_info()
     device = pick_device(cfg["device"], info)
-    init_distributed(info, device)
+    owns_group = init_distributed(info, device)
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"])
@@ -187,6 +189,10 @@ def train(
     cbs.on_train_end(state, summary)
     if info.is_main:
         run_dir.write_summary(summary)
+    if owns_group:
+        del state, cbs, extension_callbacks, forward_model  # DDP's reducer goes before its group
+        gc.collect()
+        close_distributed()
     return summary
 
 
