@@ -150,6 +150,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             rows = slice(start, start + split[rank])
             results[name] = _run(make_sync(), xs, gs, rows, all_reduce_param_grads=True)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # nobody tears down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
