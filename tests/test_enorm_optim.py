@@ -29,6 +29,22 @@ def small_net():
     ).double()
 
 
+def small_conv_net():
+    """3x3 and grouped convs: a column is an (input channel, tap) pair sharing its channel's
+    factor."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, (3, 2), padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(6, 3, 1),
+    ).double()
+
+
+NETS = {"mlp": small_net, "conv": small_conv_net}
+
+
 def set_grads(model, grads):
     for p, g in zip(model.parameters(), grads):
         p.grad = g.clone()
@@ -45,11 +61,12 @@ def state_tensors(opt, model):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("order", ["sequential", "simultaneous"])
-def test_rescaled_state_equals_state_accumulated_in_rescaled_coordinates(name, order):
+@pytest.mark.parametrize("net", list(NETS))
+def test_rescaled_state_equals_state_accumulated_in_rescaled_coordinates(name, order, net):
     """State after ENorm == state of a fresh optimizer fed the history of rescaled gradients g / s;
     and the next step from both is the same point."""
     make = OPTIMIZERS[name]
-    model = small_net()
+    model = NETS[net]()
     opt = make(model.parameters())
     enorm = ENorm(model, opt, c=1.1, order=order)
     gen = torch.Generator().manual_seed(1)
