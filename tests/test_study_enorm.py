@@ -6,7 +6,6 @@ import pytest
 
 from normlab.config import resolve
 from normlab.errors import UserError
-from normlab.studies import base as study_base
 from normlab.studies import enorm as enorm_study
 from normlab.studies import get_study, run_study
 
@@ -82,9 +81,6 @@ def test_tiny_study_writes_tables_and_figures(tmp_path, monkeypatch):
     monkeypatch.setattr(enorm_study, "BATCH_SIZES", (64, 16))
     monkeypatch.setattr(enorm_study, "QUICK_MIN_STEPS", 4)
     monkeypatch.setattr(enorm_study, "VARIANTS", ("none", "enorm"))
-    # one torch thread, as tests/conftest.py sets (the runner would give a lone job every core, and
-    # two threads on a shared machine stall on tiny ops)
-    monkeypatch.setattr(study_base.os, "cpu_count", lambda: 1)
     path = run_study("enorm", "quick", jobs=1, out=tmp_path, progress=False)
     text = path.read_text()
     assert "Runs: 10 (10 ended, 0 failed)" in text

@@ -142,3 +142,19 @@ def test_multistep_schedule_at_fractions(tmp_path):
     expected = [0.1, 0.1, 0.02, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008, 0.0008]
     assert lrs == pytest.approx(expected)
     assert summary["status"] == "finished"
+
+
+def test_run_settings_are_applied_then_restored(tmp_path):
+    """threads and deterministic hold during the run and the caller's settings come back after."""
+
+    class Seen(Callback):
+        name = "seen"
+
+        def on_train_start(self, state):
+            self.during = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+
+    seen = Seen()
+    torch.set_num_threads(1)  # conftest's setting, stated here for clarity
+    run(tmp_path, "epochs=1", "threads=2", "deterministic=true", callbacks=[seen])
+    assert seen.during == (2, True)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (1, False)

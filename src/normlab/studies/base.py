@@ -137,11 +137,12 @@ def execute_runs(configs: list[dict], jobs: int, progress: bool = True, desc: st
     """Train each config (``out`` and ``name`` set) with up to ``jobs`` worker processes.
 
     A failing run is recorded in its run directory (``error.txt``, status ``failed``) and the others
-    go on. Each worker gets an equal share of the CPU cores as torch threads.
+    go on. Worker processes get an equal share of the CPU cores as torch threads; with ``jobs=1``
+    the runs go in this process under its own torch thread setting, which is left as it was (a
+    config's ``threads`` key still applies to its run).
     """
     if not configs:
         return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -149,12 +150,13 @@ def execute_runs(configs: list[dict], jobs: int, progress: bool = True, desc: st
         bar = tqdm(total=len(configs), desc=desc, unit="run", dynamic_ncols=True)
     if jobs == 1:
         for cfg in configs:
-            execute_one(cfg, threads)
+            execute_one(cfg)
             if bar is not None:
                 bar.update(1)
     else:
         # spawn: a fresh interpreter per worker (fork and torch's thread pools do not mix well).
         ctx = mp.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // jobs)
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = [pool.submit(execute_one, cfg, threads) for cfg in configs]
             for future in cf.as_completed(futures):
@@ -165,13 +167,17 @@ def execute_runs(configs: list[dict], jobs: int, progress: bool = True, desc: st
         bar.close()
 
 
-def execute_one(cfg: dict, threads: int = 1) -> str:
-    """Train one run, never raising for a failure of the run itself (it is recorded instead)."""
+def execute_one(cfg: dict, threads: int | None = None) -> str:
+    """Train one run, never raising for a failure of the run itself (it is recorded instead).
+
+    ``threads`` sets torch's intra-op threads first (worker processes); None leaves them alone.
+    """
     import torch
 
     from ..train import train
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     run_dir = RunDirectory(Path(cfg["out"]) / cfg["name"])
     try:
         summary = train(cfg)

@@ -12,6 +12,7 @@ directory (see :mod:`normlab.train.rundir`). It ends with a status:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import platform
@@ -119,14 +120,31 @@ def train(
         dataset: use this dataset instead of loading ``config["data"]`` (preprocessing still applies).
     """
     cfg = config_mod.resolve(config, overrides)
+    with _torch_settings(cfg):
+        return _train(cfg, callbacks, dataset)
+
+
+@contextlib.contextmanager
+def _torch_settings(cfg: dict):
+    """The run's thread count and deterministic mode, restored afterwards: a run started from a
+    study, a notebook or a test leaves the caller's process as it found it."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(cfg: dict, callbacks, dataset: TensorDataset | None) -> dict:
     info = distributed_info()
     device = pick_device(cfg["device"], info)
     owns_group = init_distributed(info, device)
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"])
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
 
     run_dir = RunDirectory(Path(cfg["out"]) / config_mod.run_name(cfg))
     _check_run_dir(run_dir, cfg)
