@@ -12,11 +12,16 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q "torch==2.13.0"
 fi
 
+# Every distribution that pyproject.toml names (dependencies and the test extra) must be installed,
+# and `normlab` must be this checkout (editable); anything else reinstalls. The list is read from
+# pyproject.toml, so a new dependency can never be missed by a hand-kept list here.
 if ! "$PYTHON" - <<'PY' >/dev/null 2>&1
-import importlib.metadata as md, pathlib, normlab, sklearn, mnist1d, matplotlib, tqdm, yaml, pytest, hypothesis
-# the installed normlab must be this checkout (editable), not another copy
+import importlib.metadata as md, pathlib, re, tomllib
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+for req in project["dependencies"] + project["optional-dependencies"]["test"]:
+    md.version(re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0])
+import normlab
 assert pathlib.Path(normlab.__file__).resolve().is_relative_to(pathlib.Path("src").resolve())
-md.version("ruff")
 PY
 then
   echo "ensure_deps: installing normlab (editable) with its test extra"

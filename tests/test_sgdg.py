@@ -2,11 +2,13 @@
 
 import copy
 
-import geoopt
 import pytest
 import torch
 
 from normlab.optim import SGDG
+
+# an independent reference (the test extra installs it); skipped with the reason if absent
+geoopt = pytest.importorskip("geoopt", reason="geoopt (test extra) is not installed")
 
 F64 = torch.float64
 
