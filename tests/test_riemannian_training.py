@@ -105,7 +105,7 @@ def test_options_reach_the_groups_and_bad_options_fail():
         _build(model, "sgdg", x, probe_samples=1)
     with pytest.raises(ValueError, match="overcomplete"):
         _build(model, "sgdg", x, overcomplete="sometimes")
-    with pytest.raises(ValueError, match="learning rate"):
+    with pytest.raises(ValueError, match="lr must be >= 0"):  # the config's bound, before SGDG's
         _build(model, "sgdg", x, lr=-1.0)
 
 

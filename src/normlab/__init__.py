@@ -21,7 +21,7 @@ except _md.PackageNotFoundError:  # running from a source tree that is not insta
 
 from . import studies as _studies  # noqa: E402,F401  (registers optimizers, models and studies)
 from .config import resolve as resolve_config  # noqa: E402
+from .enorm import ENorm  # noqa: E402
 from .train import train  # noqa: E402
 
-__all__ = ["__version__", "resolve_config", "train"]
-from .enorm import ENorm  # noqa: E402,F401
+__all__ = ["ENorm", "__version__", "resolve_config", "train"]

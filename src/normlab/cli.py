@@ -43,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"normlab: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A file or folder the command was pointed at that the system refuses (missing,
+        # permission denied, disk full): the user's to fix, so no traceback either.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"normlab: error: cannot use{where}: {exc.strerror or exc}; check the path and its "
+            "permissions",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(
             "\nnormlab: interrupted; the checkpoint is saved. Run the same command with "

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -54,6 +55,67 @@ DATA_DEFAULTS: dict[str, object] = {
 }
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The valid range of a numeric option: ``low <= value <= high`` (strict where ``*_open``).
+
+    ``None`` always passes (it means "off" or "derived" for the options that allow it).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+NON_NEGATIVE = Bound(0.0)
+POSITIVE = Bound(0.0, low_open=True)
+PROBABILITY = Bound(0.0, 1.0)
+
+TOP_LEVEL_BOUNDS: dict[str, Bound] = {
+    "epochs": NON_NEGATIVE,
+    "batch_size": Bound(1),
+    "eval_batch_size": Bound(1),
+    "checkpoint_interval": NON_NEGATIVE,
+    "threads": NON_NEGATIVE,
+}
+
+DATA_BOUNDS: dict[str, Bound] = {
+    "resize": Bound(1),
+    "crop_padding": NON_NEGATIVE,
+    "flip": PROBABILITY,
+    "train_limit": NON_NEGATIVE,
+    "test_limit": NON_NEGATIVE,
+}
+
+
+def check_bounds(section: str, values: Mapping, bounds: Mapping[str, Bound]) -> None:
+    """Raise :class:`ConfigError` for the first option of ``values`` outside its bound."""
+    for key, bound in bounds.items():
+        if key in values and not bound.holds(values[key]):
+            label = f"{section}.{key}" if section else key
+            raise ConfigError(f"{label} must be {bound.describe()}, got {values[key]!r}")
+
+
 @dataclass
 class NamedSection:
     """A config section whose options depend on the chosen name (model, optim, schedule)."""
@@ -62,6 +124,7 @@ class NamedSection:
     names: Callable[[], Iterable[str]]
     options: Callable[[str], dict]  # name -> {option: default}
     help: str = ""
+    bounds: Callable[[str], Mapping[str, Bound]] = lambda name: {}  # name -> {option: Bound}
 
 
 @dataclass
@@ -75,6 +138,7 @@ class Extension:
     defaults: dict
     build: Callable
     help: str = ""
+    bounds: dict[str, Bound] = field(default_factory=dict)
 
 
 _NAMED: dict[str, NamedSection] = {}
@@ -207,9 +271,11 @@ def resolve(config: dict | None = None, overrides: Iterable[str] = ()) -> dict:
     resolved: dict = {}
     for key, default in TOP_LEVEL_DEFAULTS.items():
         resolved[key] = _coerce(key, user.get(key, default), default)
+    check_bounds("", resolved, TOP_LEVEL_BOUNDS)
     resolved["data"] = _resolve_options(
         "data", _as_section(user.get("data"), "data"), DATA_DEFAULTS
     )
+    check_bounds("data", resolved["data"], DATA_BOUNDS)
     for key, section in _NAMED.items():
         given = _as_section(user.get(key), key)
         name = given.get("name", section.default_name)
@@ -217,6 +283,7 @@ def resolve(config: dict | None = None, overrides: Iterable[str] = ()) -> dict:
         if name not in valid:
             raise ConfigError(f"unknown {key} {name!r}; valid choices: {', '.join(valid)}")
         resolved[key] = _resolve_options(key, given, {"name": name, **section.options(name)})
+        check_bounds(key, resolved[key], section.bounds(name))
     for name, ext in _EXTENSIONS.items():
         given = user.get(name)
         if given is None or given is False:
@@ -227,6 +294,7 @@ def resolve(config: dict | None = None, overrides: Iterable[str] = ()) -> dict:
         if not isinstance(given, dict):
             raise ConfigError(f"{name} takes true/false or {name}.OPTION=VALUE, got {given!r}")
         resolved[name] = _resolve_options(name, given, dict(ext.defaults))
+        check_bounds(name, resolved[name], ext.bounds)
     known = set(TOP_LEVEL_DEFAULTS) | {"data"} | set(_NAMED) | set(_EXTENSIONS)
     unknown = sorted(set(user) - known)
     if unknown:
@@ -287,18 +355,9 @@ def _coerce(key: str, value, default):
 
 
 def _check_top_level(cfg: dict) -> None:
-    if cfg["epochs"] < 0:
-        raise ConfigError(f"epochs must be >= 0, got {cfg['epochs']}")
-    if cfg["batch_size"] < 1 or cfg["eval_batch_size"] < 1:
-        raise ConfigError("batch_size and eval_batch_size must be >= 1")
     device = cfg["device"]
     if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if cfg["checkpoint_interval"] < 0:
-        raise ConfigError("checkpoint_interval must be >= 0 seconds")
-    for key in ("crop_padding",):
-        if cfg["data"][key] < 0:
-            raise ConfigError(f"data.{key} must be >= 0")
 
 
 def run_name(cfg: dict) -> str:
@@ -314,6 +373,11 @@ def run_name(cfg: dict) -> str:
 
 
 __all__ = [
+    "Bound",
+    "NON_NEGATIVE",
+    "POSITIVE",
+    "PROBABILITY",
+    "check_bounds",
     "Extension",
     "NamedSection",
     "TOP_LEVEL_DEFAULTS",

@@ -22,11 +22,21 @@ _config.register_named_section(
 )
 _config.register_named_section(
     "optim",
-    _config.NamedSection("sgd", optimizer_names, lambda n: dict(optimizer_spec(n).defaults)),
+    _config.NamedSection(
+        "sgd",
+        optimizer_names,
+        lambda n: dict(optimizer_spec(n).defaults),
+        bounds=lambda n: optimizer_spec(n).option_bounds(),
+    ),
 )
 _config.register_named_section(
     "schedule",
-    _config.NamedSection("constant", schedule_names, lambda n: dict(schedule_spec(n).defaults)),
+    _config.NamedSection(
+        "constant",
+        schedule_names,
+        lambda n: dict(schedule_spec(n).defaults),
+        bounds=lambda n: schedule_spec(n).bounds,
+    ),
 )
 
 __all__ = [

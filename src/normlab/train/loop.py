@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import config as config_mod
 from ..data import Augment, InMemoryLoader, TensorDataset, load_dataset, prepare_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, config_errors
 from ..models import build_model
 from .callbacks import Callback, CallbackList
 from .distributed import (
@@ -149,20 +149,28 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None) -> dict:
     run_dir = RunDirectory(Path(cfg["out"]) / config_mod.run_name(cfg))
     _check_run_dir(run_dir, cfg)
 
-    data = _prepare_data(cfg, dataset)
-    train_loader, test_loader = _loaders(cfg, data, device, info)
-    model = build_model(
-        cfg["model"]["name"],
-        data.in_shape,
-        data.num_classes,
-        **{k: v for k, v in cfg["model"].items() if k != "name"},
-    ).to(device)
+    # Each component's constructor checks its own arguments (ValueError, as in torch); those come
+    # from the config, so they reach the user as a ConfigError naming the section to fix.
+    with config_errors("data", "fix the data.* options; see `normlab list datasets`"):
+        data = _prepare_data(cfg, dataset)
+        train_loader, test_loader = _loaders(cfg, data, device, info)
+    with config_errors("model", "fix the model.* options; see `normlab list models`"):
+        model = build_model(
+            cfg["model"]["name"],
+            data.in_shape,
+            data.num_classes,
+            **{k: v for k, v in cfg["model"].items() if k != "name"},
+        ).to(device)
     probe = (
         data.x_train[: min(256, len(data.x_train))].to(device),
         data.y_train[: min(256, len(data.y_train))].to(device),
     )
-    optimizer = build_optimizer(model, cfg["optim"], BuildContext(probe, cfg, len(train_loader)))
-    scheduler = build_scheduler(optimizer, cfg["schedule"], len(train_loader), cfg["epochs"])
+    with config_errors("optim", "fix the optim.* options; see `normlab list optimizers`"):
+        optimizer = build_optimizer(
+            model, cfg["optim"], BuildContext(probe, cfg, len(train_loader))
+        )
+    with config_errors("schedule", "fix the schedule.* options; see `normlab list schedules`"):
+        scheduler = build_scheduler(optimizer, cfg["schedule"], len(train_loader), cfg["epochs"])
     forward_model: nn.Module = model
     if info.enabled:
         forward_model = nn.parallel.DistributedDataParallel(model)
@@ -180,11 +188,11 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None) -> dict:
         run_dir if info.is_main else None,
         forward_model=forward_model,
     )
-    extension_callbacks = [
-        ext.build(state, cfg[name])
-        for name, ext in config_mod.extensions().items()
-        if cfg.get(name) is not None
-    ]
+    extension_callbacks = []
+    for name, ext in config_mod.extensions().items():
+        if cfg.get(name) is not None:
+            with config_errors(name, f"fix the {name}.* options; see `normlab list extensions`"):
+                extension_callbacks.append(ext.build(state, cfg[name]))
     cbs = CallbackList([*extension_callbacks, *callbacks])
 
     accum = None

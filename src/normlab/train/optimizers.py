@@ -12,10 +12,12 @@ weight norm.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from ..config import NON_NEGATIVE, POSITIVE, Bound
 
 
 @dataclass
@@ -27,12 +29,40 @@ class BuildContext:
     steps_per_epoch: int
 
 
+# The valid ranges of the options that optimizers share by name. They apply to every optimizer
+# that has the option, so a new optimizer gets them for free; a spec's own ``bounds`` add to or
+# override them.
+_UNIT = Bound(0.0, 1.0, high_open=True)
+COMMON_BOUNDS: dict[str, Bound] = {
+    "lr": NON_NEGATIVE,
+    "lrg": NON_NEGATIVE,
+    "lr_manifold": NON_NEGATIVE,
+    "elr": POSITIVE,
+    "momentum": _UNIT,
+    "beta1": _UNIT,
+    "beta2": _UNIT,
+    "eps": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "weight_decay_other": NON_NEGATIVE,
+    "norm_decay": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE,  # 0 (or none) disables clipping
+    "omega": NON_NEGATIVE,
+    "radius": POSITIVE,
+}
+
+
 @dataclass
 class OptimizerSpec:
     name: str
     build: Callable[[nn.Module, dict, BuildContext], torch.optim.Optimizer]
     defaults: dict
     help: str = ""
+    bounds: dict[str, Bound] = field(default_factory=dict)
+
+    def option_bounds(self) -> dict[str, Bound]:
+        """The bounds of this optimizer's options: the shared ones it has, then its own."""
+        shared = {k: b for k, b in COMMON_BOUNDS.items() if k in self.defaults}
+        return {**shared, **self.bounds}
 
 
 _OPTIMIZERS: dict[str, OptimizerSpec] = {}

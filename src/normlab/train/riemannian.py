@@ -88,6 +88,12 @@ def riemannian_groups(model: nn.Module, options: dict, probe_batch) -> list[dict
         omega=options["omega"],
         grad_clip=grad_clip,
     )
+    if not any(group["grassmann"] and group["params"] for group in groups):
+        # Without manifold rows SGD-G / Adam-G would silently be Nesterov SGD: refuse instead.
+        raise ValueError(
+            f"found no weights that feed a normalization layer in {type(model).__name__}, so no "
+            "rows to put on G(1,n); use a model with batch norm (e.g. model.norm=bn) or optim=sgd"
+        )
     for group in groups:
         if group["grassmann"]:
             group["nesterov"] = False  # Algorithm 1: plain momentum on the manifold

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 FINAL_STATUSES = ("finished", "diverged")
@@ -76,7 +77,22 @@ class RunDirectory:
         atomic_torch_save(self.checkpoint_path, state)
 
     def load_checkpoint(self, map_location=None) -> dict:
-        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+        """The checkpoint's content; an unreadable one (truncated, not a checkpoint, no
+        permission) is a :class:`UserError` that says how to go on."""
+        try:
+            state = torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, pickle and zip errors
+            raise UserError(
+                f"cannot read the checkpoint {self.checkpoint_path} ({type(exc).__name__}: "
+                f"{exc}); it is damaged or not a normlab checkpoint: pass overwrite=true to start "
+                "the run over, or name=NEW for a new run"
+            ) from exc
+        if not isinstance(state, dict) or "model" not in state:
+            raise UserError(
+                f"{self.checkpoint_path} is not a normlab checkpoint (no model state); pass "
+                "overwrite=true to start the run over, or name=NEW for a new run"
+            )
+        return state
 
     def is_complete(self) -> bool:
         """True when the run ended with a final status (finished or diverged)."""

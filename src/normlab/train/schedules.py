@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from ..config import NON_NEGATIVE, POSITIVE, Bound
 
 
 @dataclass
@@ -25,6 +27,7 @@ class ScheduleSpec:
     factor: Callable[..., Callable[[int], float]]  # (options, steps_per_epoch, epochs) -> f(step)
     defaults: dict
     help: str = ""
+    bounds: dict[str, Bound] = field(default_factory=dict)
 
 
 _SCHEDULES: dict[str, ScheduleSpec] = {}
@@ -68,6 +71,8 @@ class _Constant:
 
 class _MultiStep:
     def __init__(self, milestones, gamma, steps_per_epoch, epochs):
+        if any(m < 0 for m in milestones):
+            raise ValueError(f"milestones must be >= 0, got {list(milestones)}")
         # Milestones in epochs (fractions of training are converted), applied at epoch boundaries.
         self.epochs = sorted(m * epochs if m <= 1 else m for m in milestones)
         self.gamma = gamma
@@ -103,6 +108,7 @@ register_schedule(
         lambda o, spe, ep: _MultiStep(o["milestones"], o["gamma"], spe, ep),
         {"milestones": [0.5, 0.75], "gamma": 0.1},
         "lr x gamma at each milestone (fractions of training, or epochs)",
+        {"gamma": POSITIVE},
     )
 )
 register_schedule(
@@ -111,6 +117,7 @@ register_schedule(
         lambda o, spe, ep: _Linear(o["end_factor"], spe * ep),
         {"end_factor": 0.0},
         "linear decay to end_factor over training",
+        {"end_factor": NON_NEGATIVE},
     )
 )
 register_schedule(
@@ -119,5 +126,6 @@ register_schedule(
         lambda o, spe, ep: _Cosine(o["end_factor"], spe * ep),
         {"end_factor": 0.0},
         "cosine decay to end_factor over training",
+        {"end_factor": NON_NEGATIVE},
     )
 )

@@ -117,7 +117,8 @@ def build_sphere_optimizer(model: nn.Module, o: dict, context: BuildContext) -> 
     if not si:
         raise ValueError(
             f"optim=sphere found no scale-invariant parameters in {type(model).__name__}: only "
-            "weights that feed a normalization layer can go on the sphere"
+            "weights that feed a normalization layer can go on the sphere; use a scale-invariant "
+            "model (e.g. model=mlp_si, see `normlab list models`) or one with model.norm=bn"
         )
     lr_other = o["lr_other"]
     if lr_other == -1:
