@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from normlab.cli import main
 from normlab.errors import UserError
+from normlab.methods.enorm.callback import ENormCallback, ENormSetupError, weight_sq_norm
 from normlab.models import build_model, model_names, register_model
 from normlab.train import Callback, RunDirectory, train
-from normlab.train.enorm_hook import ENormCallback, ENormSetupError, weight_sq_norm
 from normlab.train.optimizers import OptimizerSpec, optimizer_names, register_optimizer
 
 SMALL = {

@@ -1,4 +1,4 @@
-"""The ``sgdg`` / ``adamg`` registry entries (normlab.train.riemannian): groups, hyper-parameters,
+"""The ``sgdg`` / ``adamg`` registry entries (normlab.methods.riemannian_bn.optimizers): groups, hyper-parameters,
 the seed's hand-made three-dict usage, schedules, and a tiny CLI run."""
 
 import copy
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from normlab.cli import main
 from normlab.config import resolve
+from normlab.methods.riemannian_bn.optimizers import riemannian_groups
 from normlab.models import build_model
 from normlab.optim import SGDG, AdamG
 from normlab.train import RunDirectory, optimizer_spec
 from normlab.train.optimizers import BuildContext, build_optimizer
-from normlab.train.riemannian import riemannian_groups
 
 
 def _options(name: str, **changes) -> dict:

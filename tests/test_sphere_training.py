@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 
 from normlab.errors import ConfigError
+from normlab.methods.sphere.training import SphereMetricsCallback, scale_invariant_split
 from normlab.models import build_model, model_names
 from normlab.optim import SphereSGD
 from normlab.scale_invariance import JOINT, ROW, TENSOR, find_scale_invariant
 from normlab.train import RunDirectory, train
 from normlab.train.loop import seed_everything
-from normlab.train.sphere_training import SphereMetricsCallback, scale_invariant_split
 
 SI_COLUMNS = {
     "elr",

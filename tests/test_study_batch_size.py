@@ -8,10 +8,10 @@ import torch
 
 from normlab import config as config_mod
 from normlab.errors import UserError
+from normlab.methods.norm_layers import study as bs
 from normlab.models import build_model
 from normlab.nn import BatchRenorm2d
 from normlab.studies import RunSpec, get_study, run_study
-from normlab.studies import batch_size as bs
 from normlab.studies.base import RunResult
 
 

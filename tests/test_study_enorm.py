@@ -6,7 +6,7 @@ import pytest
 
 from normlab.config import resolve
 from normlab.errors import UserError
-from normlab.studies import enorm as enorm_study
+from normlab.methods.enorm import study as enorm_study
 from normlab.studies import get_study, run_study
 
 

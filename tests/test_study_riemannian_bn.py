@@ -6,8 +6,8 @@ import pytest
 
 from normlab.config import resolve
 from normlab.errors import UserError
+from normlab.methods.riemannian_bn import study as rb
 from normlab.studies import get_study, run_study
-from normlab.studies import riemannian_bn as rb
 
 PAPER_OPTIM = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},

@@ -10,10 +10,10 @@ import pytest
 
 from normlab.config import resolve
 from normlab.errors import UserError
+from normlab.methods.sphere import study as sr
 from normlab.regimes import CHAOTIC_EQUILIBRIUM, CONVERGENCE, DIVERGENCE
 from normlab.report import Report
 from normlab.studies import RunResult, RunSpec, get_study, run_study
-from normlab.studies import sphere_regimes as sr
 
 
 def test_quick_grid_is_log_spaced_over_all_three_regimes():

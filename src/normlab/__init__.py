@@ -19,7 +19,8 @@ try:
 except _md.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-from . import studies as _studies  # noqa: E402,F401  (registers optimizers, models and studies)
+# Light on purpose: the training pipeline loads no method, data reader, plotting or study until a
+# name is looked up (see normlab.registry), so ``import normlab.optim`` costs little over torch.
 from .config import resolve as resolve_config  # noqa: E402
 from .enorm import ENorm  # noqa: E402
 from .train import train  # noqa: E402

@@ -15,6 +15,7 @@ Every unknown key or invalid value raises :class:`~normlab.errors.ConfigError` l
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .registry import load_methods
 
 TOP_LEVEL_DEFAULTS: dict[str, object] = {
     "name": None,  # run name; default derived from data, model, norm, optimizer and seed
@@ -131,14 +133,40 @@ class NamedSection:
 class Extension:
     """An optional part of a run, switched on by giving its section a value.
 
-    ``build(state, options)`` returns a :class:`normlab.train.Callback` (or None) for the loop.
+    ``callback`` is a :class:`normlab.train.Callback` class (or any factory): its keyword
+    parameters with defaults are the section's options, read from its signature as model options
+    are, so each option is written once. A callback that forwards ``**options`` to the component
+    it wraps says where they come from with a ``config_options()`` class method. ``internal`` names
+    parameters that are not options.
     """
 
     name: str
-    defaults: dict
-    build: Callable
+    callback: Callable
     help: str = ""
     bounds: dict[str, Bound] = field(default_factory=dict)
+    internal: tuple[str, ...] = ()
+
+    @property
+    def defaults(self) -> dict:
+        declared = getattr(self.callback, "config_options", None)
+        options = declared() if declared is not None else signature_options(self.callback)
+        return {k: copy.deepcopy(v) for k, v in options.items() if k not in self.internal}
+
+    def build(self, state, options: dict):
+        """The callback for a run with the section's resolved ``options``."""
+        return self.callback(**options)
+
+
+def signature_options(fn: Callable, skip: Iterable[str] = ()) -> dict:
+    """``{name: default}`` of the keyword parameters of ``fn`` that have a default."""
+    skip = set(skip)
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.default is not inspect.Parameter.empty
+        and p.name not in skip
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 _NAMED: dict[str, NamedSection] = {}
@@ -159,6 +187,7 @@ def register_extension(extension: Extension, *, overwrite: bool = False) -> None
 
 
 def extensions() -> dict[str, Extension]:
+    load_methods()
     return dict(_EXTENSIONS)
 
 
@@ -284,7 +313,7 @@ def resolve(config: dict | None = None, overrides: Iterable[str] = ()) -> dict:
             raise ConfigError(f"unknown {key} {name!r}; valid choices: {', '.join(valid)}")
         resolved[key] = _resolve_options(key, given, {"name": name, **section.options(name)})
         check_bounds(key, resolved[key], section.bounds(name))
-    for name, ext in _EXTENSIONS.items():
+    for name, ext in extensions().items():
         given = user.get(name)
         if given is None or given is False:
             resolved[name] = None
@@ -392,4 +421,5 @@ __all__ = [
     "resolve",
     "run_name",
     "set_dotted",
+    "signature_options",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from ..registry import load_methods
 from .convnet import ConvNet
 from .lenet import LeNet
 from .mlp import MLP
@@ -29,6 +30,7 @@ def register_model(name: str, builder: Callable[..., nn.Module], *, overwrite: b
 
 
 def model_names() -> list[str]:
+    load_methods()
     return list(_MODELS)
 
 
@@ -55,6 +57,7 @@ def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, **option
 
 
 def _get(name: str):
+    load_methods()
     try:
         return _MODELS[name]
     except KeyError:

@@ -1,7 +1,8 @@
 """The studies that reproduce each method's experiment, and the runner they share."""
 
-# importing a study module registers its study
-from . import baseline, batch_size, enorm, riemannian_bn, sphere_regimes  # noqa: F401
+# The core's own study is ``baseline``; each method's study lives in its method package
+# (normlab.methods.*) and is registered, like baseline, lazily: the plotting code a study imports
+# loads only when the study is asked for.
 from .base import (
     RunResult,
     RunSpec,

@@ -22,11 +22,13 @@ import math
 import multiprocessing as mp
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_text
+from ..registry import load_methods
 from ..report import Report
 from ..train.rundir import RunDirectory
 
@@ -76,24 +78,47 @@ class Study:
         raise NotImplementedError
 
 
-_STUDIES: dict[str, Study] = {}
+_STUDIES: dict[str, Study | Callable[[], Study]] = {}
 
 
-def register_study(study: Study) -> None:
-    _STUDIES[study.name] = study
+def register_study(study: Study, *, name: str | None = None, lazy: bool = False) -> None:
+    """Make ``normlab study NAME`` available.
+
+    ``lazy=True``: ``study`` is a factory called the first time the study is asked for (a method
+    registers its study this way, so looking up its optimizer never imports plotting code).
+    """
+    if not lazy and not isinstance(study, Study):
+        raise TypeError(
+            f"register_study takes a Study (or a factory with lazy=True), got {study!r}"
+        )
+    _STUDIES[name or study.name] = study
+
+
+def _baseline_study() -> Study:
+    from .baseline import BaselineStudy
+
+    return BaselineStudy()
+
+
+register_study(_baseline_study, name="baseline", lazy=True)
 
 
 def study_names() -> list[str]:
+    load_methods()
     return list(_STUDIES)
 
 
 def get_study(name: str) -> Study:
+    load_methods()
     try:
-        return _STUDIES[name]
+        entry = _STUDIES[name]
     except KeyError:
         raise ConfigError(
             f"unknown study {name!r}; valid choices: {', '.join(_STUDIES)}, all"
         ) from None
+    if not isinstance(entry, Study):
+        entry = _STUDIES[name] = entry()
+    return entry
 
 
 def run_study(

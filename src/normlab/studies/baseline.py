@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..plots import plot_mean_std, plt
 from ..report import pm
-from .base import RunSpec, Study, group_by, register_study
+from .base import RunSpec, Study, group_by
 
 SEEDS = (0, 1, 2)
 DATASETS = {
@@ -84,6 +84,3 @@ class BaselineStudy(Study):
             axes[i][0].legend(fontsize=8)
         fig.tight_layout()
         report.figure(fig, "curves.png", "mean ± std over seeds")
-
-
-register_study(BaselineStudy())

@@ -58,6 +58,3 @@ __all__ = [
     "train",
     "weight_decay_groups",
 ]
-# The methods' glue registers their optimizers, models and extensions (optim=sgdg|adamg|sphere,
-# enorm=..., sphere_metrics=..., the SI models and the fully convolutional net of ENorm).
-from . import enorm_hook, riemannian, sphere_training  # noqa: E402,F401

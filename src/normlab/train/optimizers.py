@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import NON_NEGATIVE, POSITIVE, Bound
+from ..registry import load_methods
 
 
 @dataclass
@@ -76,10 +77,12 @@ def register_optimizer(spec: OptimizerSpec, *, overwrite: bool = False) -> None:
 
 
 def optimizer_names() -> list[str]:
+    load_methods()
     return list(_OPTIMIZERS)
 
 
 def optimizer_spec(name: str) -> OptimizerSpec:
+    load_methods()
     try:
         return _OPTIMIZERS[name]
     except KeyError:

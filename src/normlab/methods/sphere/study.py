@@ -37,8 +37,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..plots import plt
-from ..regimes import (
+from ...plots import plt
+from ...regimes import (
     CHAOTIC_EQUILIBRIUM,
     CONVERGENCE,
     DIVERGENCE,
@@ -47,9 +47,9 @@ from ..regimes import (
     classify_regime,
     find_boundaries,
 )
-from ..report import Report, fmt
-from .base import RunResult, RunSpec, Study, register_study, require_root
-from .sweep import parse_axis
+from ...report import Report, fmt
+from ...studies.base import RunResult, RunSpec, Study, require_root
+from ...studies.sweep import parse_axis
 
 # ------------------------------------------------------------------------------------ grids
 QUICK_ELRS: list[float] = parse_axis("log:1e-4:1:9")  # 1e-4, 3.16e-4, ..., 1
@@ -523,6 +523,3 @@ class SphereRegimesStudy(Study):
 def sweep_label(sweep: list[tuple[float, str]], elr: float) -> str:
     """The label of ``elr`` in the sweep (the first run at that ELR)."""
     return next(label for e, label in sorted(sweep) if e == elr)
-
-
-register_study(SphereRegimesStudy())

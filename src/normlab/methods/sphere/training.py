@@ -49,29 +49,25 @@ import time
 import torch
 import torch.nn as nn
 
-from .. import config as config_mod
-from ..data import InMemoryLoader
-from ..models import model_names, register_model
-from ..models.scale_invariant import SCALE_INVARIANT_MODELS
-from ..optim import SphereSGD
-from ..scale_invariance import scale_invariant_param_groups
-from ..sphere_metrics import SphereMetricsTracker, cosine_to_init, scale_invariant_norm
-from .callbacks import Callback
-from .loop import evaluate
-from .optimizers import BuildContext, OptimizerSpec, register_optimizer
+from ... import config as config_mod
+from ...data import InMemoryLoader
+from ...optim import SphereSGD
+from ...scale_invariance import scale_invariant_param_groups
+from ...sphere_metrics import SphereMetricsTracker, cosine_to_init, scale_invariant_norm
+from ...train.callbacks import Callback
+from ...train.loop import evaluate
+from ...train.optimizers import BuildContext, OptimizerSpec
 
 __all__ = [
     "SI_SOURCES",
+    "SPHERE_METRICS_EXTENSION",
+    "SPHERE_SPEC",
     "SphereMetricsCallback",
     "build_sphere_optimizer",
     "scale_invariant_split",
 ]
 
 SI_SOURCES = ("auto", "model", "probe")
-
-for _name, _cls in SCALE_INVARIANT_MODELS.items():
-    if _name not in model_names():
-        register_model(_name, _cls)
 
 
 # ----------------------------------------------------------------------------- parameter split
@@ -150,23 +146,21 @@ def build_sphere_optimizer(model: nn.Module, o: dict, context: BuildContext) -> 
     return SphereSGD(groups, momentum=o["momentum"], foreach=o["foreach"])
 
 
-register_optimizer(
-    OptimizerSpec(
-        "sphere",
-        build_sphere_optimizer,
-        {
-            "elr": 1e-3,
-            "momentum": 0.0,
-            "granularity": "global",
-            "project_gradient": False,
-            "radius": None,
-            "lr_other": 0.0,
-            "weight_decay_other": 0.0,
-            "si_params": "auto",
-            "foreach": None,
-        },
-        "SphereSGD: scale-invariant weights on one sphere at a fixed ELR (Kodryan et al. 2022)",
-    )
+SPHERE_SPEC = OptimizerSpec(
+    "sphere",
+    build_sphere_optimizer,
+    {
+        "elr": 1e-3,
+        "momentum": 0.0,
+        "granularity": "global",
+        "project_gradient": False,
+        "radius": None,
+        "lr_other": 0.0,
+        "weight_decay_other": 0.0,
+        "si_params": "auto",
+        "foreach": None,
+    },
+    "SphereSGD: scale-invariant weights on one sphere at a fixed ELR (Kodryan et al. 2022)",
 )
 
 
@@ -312,20 +306,10 @@ class SphereMetricsCallback(Callback):
             self._init = [t.clone() for t in init]
 
 
-def _build_sphere_metrics(state, options: dict) -> SphereMetricsCallback:
-    return SphereMetricsCallback(
-        every=options["every"],
-        full_train_every=options["full_train_every"],
-        batch_size=options["batch_size"],
-    )
-
-
-config_mod.register_extension(
-    config_mod.Extension(
-        "sphere_metrics",
-        {"every": 1, "full_train_every": 1, "batch_size": 0},
-        _build_sphere_metrics,
-        "ELR, SI norm, effective gradient norm, step angle and the train-mode train loss per "
-        "epoch (Kodryan et al. 2022)",
-    )
+SPHERE_METRICS_EXTENSION = config_mod.Extension(
+    "sphere_metrics",
+    SphereMetricsCallback,
+    "ELR, SI norm, effective gradient norm, step angle and the train-mode train loss per epoch "
+    "(Kodryan et al. 2022)",
+    internal=("params",),
 )

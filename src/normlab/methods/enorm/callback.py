@@ -38,29 +38,12 @@ import time
 import torch
 import torch.nn as nn
 
-from .. import config as config_mod
-from ..enorm import ENorm
-from ..errors import UserError
-from ..models import model_names, register_model
-from ..models.fully_conv import FullyConv, fully_connected
-from .callbacks import Callback
+from ... import config as config_mod
+from ...enorm import ENorm
+from ...errors import UserError
+from ...train.callbacks import Callback
 
-__all__ = ["ENORM_DEFAULTS", "ENormCallback", "ENormSetupError", "weight_sq_norm"]
-
-ENORM_DEFAULTS: dict[str, object] = {
-    "c": 1.0,
-    "p": 2,
-    "cycles": 1,
-    "every": 1,
-    "include_bias": False,
-    "order": "sequential",
-    "exclude": [],
-    "apply": True,
-}
-
-for _name, _builder in (("fully_connected", fully_connected), ("fully_conv", FullyConv)):
-    if _name not in model_names():
-        register_model(_name, _builder)
+__all__ = ["ENORM_EXTENSION", "ENormCallback", "ENormSetupError", "weight_sq_norm"]
 
 
 class ENormSetupError(UserError):
@@ -88,26 +71,19 @@ class ENormCallback(Callback):
 
     name = "enorm"
 
-    def __init__(
-        self,
-        c: float = 1.0,
-        p: float = 2,
-        cycles: int = 1,
-        every: int = 1,
-        include_bias: bool = False,
-        order: str = "sequential",
-        exclude=(),
-        apply: bool = True,
-    ):
-        self.options = {
-            "c": c,
-            "p": p,
-            "cycles": cycles,
-            "every": every,
-            "include_bias": include_bias,
-            "order": order,
-            "exclude": tuple(str(name) for name in (exclude or ())),
-        }
+    @classmethod
+    def config_options(cls) -> dict:
+        """The ``enorm.*`` options: ENorm's keyword arguments (one source), then ``apply``."""
+        options = config_mod.signature_options(ENorm, skip=("optimizer",))
+        options["exclude"] = list(options["exclude"])  # a list in the config (JSON)
+        return {**options, "apply": True}
+
+    def __init__(self, apply: bool = True, **enorm_options):
+        # The options are ENorm's own (see config_options): validated by the config against
+        # ENorm's signature, and by ENorm itself when it is built at the start of training.
+        if "exclude" in enorm_options:
+            enorm_options["exclude"] = tuple(str(n) for n in (enorm_options["exclude"] or ()))
+        self.options = enorm_options
         self.apply = bool(apply)
         self.enorm: ENorm | None = None
         self._pending: dict | None = None  # a checkpoint's state, loaded before on_train_start
@@ -153,17 +129,10 @@ class ENormCallback(Callback):
             self._pending = dict(state)
 
 
-def _build(state, options: dict) -> ENormCallback:
-    return ENormCallback(**options)
-
-
-config_mod.register_extension(
-    config_mod.Extension(
-        "enorm",
-        ENORM_DEFAULTS,
-        _build,
-        "ENorm (equi-normalization) after every optimizer step: c, p, cycles, every, include_bias, "
-        "order (sequential|simultaneous), exclude (module names), apply (false: only log "
-        "weight_sq_norm / enorm_objective)",
-    )
+ENORM_EXTENSION = config_mod.Extension(
+    "enorm",
+    ENormCallback,
+    "ENorm (equi-normalization) after every optimizer step: c, p, cycles, every, include_bias, "
+    "order (sequential|simultaneous), exclude (module names), apply (false: only log "
+    "weight_sq_norm / enorm_objective)",
 )

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import math
 
-from ..plots import column, plt
-from .base import RunResult, RunSpec, Study, group_by, register_study, require_root
+from ...plots import column, plt
+from ...studies.base import RunResult, RunSpec, Study, group_by, require_root
 
 METHODS = ("none", "bn", "brn", "gn")
 BATCH_SIZES = (256, 128, 64, 32, 16, 4, 2, 1)
@@ -503,6 +503,3 @@ def _final_figure(cells: dict, methods: list[str], sizes: list[int]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-register_study(BatchSizeStudy())

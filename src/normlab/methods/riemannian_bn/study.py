@@ -23,9 +23,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from ..plots import plot_mean_std, plt
-from ..report import mean_std, pm
-from .base import RunSpec, Study, finite, group_by, register_study, require_root
+from ...plots import plot_mean_std, plt
+from ...report import mean_std, pm
+from ...studies.base import RunSpec, Study, finite, group_by, require_root
 
 # Optimizers in the order of the paper's table; each is an ``optim`` config section.
 OPTIMIZERS: dict[str, dict] = {
@@ -293,6 +293,3 @@ def _differences(cells, datasets, models, optimizers, errors) -> list[list]:
                 row.append(f"{mean - base:+.2f}" if finite(mean) and finite(base) else "n/a")
             rows.append(row)
     return rows
-
-
-register_study(RiemannianBNStudy())

@@ -29,11 +29,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..optim import SGDG, AdamG
-from ..scale_invariance import grassmann_param_groups
-from .optimizers import BuildContext, OptimizerSpec, register_optimizer
+from ...optim import SGDG, AdamG
+from ...scale_invariance import grassmann_param_groups
+from ...train.optimizers import BuildContext, OptimizerSpec
 
-__all__ = ["ADAMG_DEFAULTS", "SGDG_DEFAULTS", "build_adamg", "build_sgdg", "riemannian_groups"]
+__all__ = [
+    "ADAMG_DEFAULTS",
+    "ADAMG_SPEC",
+    "SGDG_DEFAULTS",
+    "SGDG_SPEC",
+    "build_adamg",
+    "build_sgdg",
+    "riemannian_groups",
+]
 
 
 def _defaults(lrg: float) -> dict:
@@ -120,19 +128,15 @@ def build_adamg(model: nn.Module, options: dict, context: BuildContext) -> torch
     )
 
 
-register_optimizer(
-    OptimizerSpec(
-        "sgdg",
-        build_sgdg,
-        dict(SGDG_DEFAULTS),
-        "SGD-G (Cho & Lee 2017): BN-fed weight rows on G(1,n) with lrg; SGD+Nesterov elsewhere",
-    )
+SGDG_SPEC = OptimizerSpec(
+    "sgdg",
+    build_sgdg,
+    dict(SGDG_DEFAULTS),
+    "SGD-G (Cho & Lee 2017): BN-fed weight rows on G(1,n) with lrg; SGD+Nesterov elsewhere",
 )
-register_optimizer(
-    OptimizerSpec(
-        "adamg",
-        build_adamg,
-        dict(ADAMG_DEFAULTS),
-        "Adam-G (Cho & Lee 2017): per-row Adam on G(1,n) with lrg; SGD+Nesterov elsewhere",
-    )
+ADAMG_SPEC = OptimizerSpec(
+    "adamg",
+    build_adamg,
+    dict(ADAMG_DEFAULTS),
+    "Adam-G (Cho & Lee 2017): per-row Adam on G(1,n) with lrg; SGD+Nesterov elsewhere",
 )

@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import math
 
-from ..plots import column, plot_mean_std, plt
-from ..report import mean_std, pm
-from .base import RunResult, RunSpec, Study, group_by, register_study, require_root
+from ...plots import column, plot_mean_std, plt
+from ...report import mean_std, pm
+from ...studies.base import RunResult, RunSpec, Study, group_by, require_root
 
 SEEDS = (0, 1, 2)
 VARIANTS = ("none", "enorm", "bn", "bn+enorm")  # (norm layer, ENorm on?)
@@ -426,6 +426,3 @@ def _sum_column(rows, key: str) -> float:
 def _fmt_mean(values) -> str:
     m, _ = mean_std([v for v in values if v is not None])
     return "n/a" if math.isnan(m) else f"{m:.4g}"
-
-
-register_study(ENormStudy())
