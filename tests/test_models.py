@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn as nn
 
 from normlab.models import build_model, model_names
 from normlab.nn import group_count, make_norm
@@ -102,3 +103,29 @@ def test_norm_options_are_checked_at_real_widths():
     ]
     with pytest.raises(ValueError, match="channels_per_group=3 does not divide 20"):
         build_model("lenet", (1, 28, 28), 10, norm="gn", norm_kwargs={"channels_per_group": 3})
+
+
+def test_paper_vgg_has_two_fc512_bn_layers_and_bn_without_scale():
+    # Cho & Lee's vgg.py: conv-BN(no gamma)-ReLU stages, then FC-512-BN(no gamma)-ReLU twice and
+    # the classifier; parameters = the plain CIFAR VGG's minus the conv BN scales, plus the FCs.
+    torch.manual_seed(0)
+    plain = build_model("vgg", (3, 32, 32), 10, depth=13)
+    paper = build_model("vgg", (3, 32, 32), 10, depth=13, fc_layers=2, norm_scale=False)
+    bn_scales = sum(m.weight.numel() for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+    fc = 2 * 512 * 512 + 2 * 512  # two bias-free Linear 512x512 and their BN shifts
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(paper) == count(plain) - bn_scales + fc
+    norms = [m for m in paper.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 10 + 2 and all(m.weight is None and m.bias is not None for m in norms)
+    linears = [m for m in paper.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 512), (512, 10)]
+    out = paper(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    # BN without scale still normalizes: scaling an FC weight leaves the train-mode output alone
+    xb = torch.randn(8, 3, 32, 32)
+    a = paper(xb)
+    with torch.no_grad():
+        paper.fc[0].weight.mul_(3.0)
+    torch.testing.assert_close(paper(xb), a, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fc_layers"):
+        build_model("vgg", (3, 32, 32), 10, fc_layers=-1)

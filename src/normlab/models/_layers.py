@@ -45,9 +45,16 @@ class NormChoice:
     ``norm_kwargs={"num_groups": 2}`` reaches every layer of the model in the same way.
     """
 
-    def __init__(self, norm: str = "bn", affine: bool = True, norm_kwargs: dict | None = None):
+    def __init__(
+        self,
+        norm: str = "bn",
+        affine: bool = True,
+        norm_kwargs: dict | None = None,
+        scale: bool = True,
+    ):
         self.name = norm
         self.affine = affine
+        self.scale = scale  # False: an affine norm keeps its shift but no scale (gamma)
         self.options = dict(norm_kwargs or {})
         # A bad name fails here; bad options fail when the model builds its first norm layer (at
         # its real width, so a channels_per_group that divides every width is accepted).
@@ -59,4 +66,9 @@ class NormChoice:
         return self.name != "none"
 
     def __call__(self, channels: int, dim: int) -> nn.Module:
-        return make_norm(self.name, channels, dim, self.affine, **self.options)
+        layer = make_norm(self.name, channels, dim, self.affine, **self.options)
+        if self.affine and not self.scale and getattr(layer, "weight", None) is not None:
+            # BN "without gamma" (Cho & Lee's VGG): the functional norms accept weight=None.
+            del layer.weight
+            layer.register_parameter("weight", None)
+        return layer

@@ -1,8 +1,11 @@
 """VGG-11/13/16/19, CIFAR variant (Simonyan & Zisserman 2015; the 32x32 version used by Cho & Lee).
 
-Each 3x3 conv is followed by norm and ReLU; 'M' is a 2x2 max pool; the classifier is one Linear layer
-on the 512 features, as in the common CIFAR implementations. Inputs smaller than 32 pixels skip the
-pools that would shrink them below 1 (so VGG also runs on 8x8 digits and 1-D mnist1d).
+Each 3x3 conv is followed by norm and ReLU; 'M' is a 2x2 max pool. The classifier is one Linear layer
+on the 512 features, as in the common CIFAR implementations (``fc_layers=0``), or, as in Cho & Lee's
+code (``vgg.py`` of MinhyungCho/riemannian-batch-normalization), ``fc_layers=2`` hidden
+FC-``fc_width``-norm-ReLU layers before it; ``norm_scale=False`` drops the norms' scale (BN without
+gamma, also as in that code). Inputs smaller than 32 pixels skip the pools that would shrink them
+below 1 (so VGG also runs on 8x8 digits and 1-D mnist1d).
 """
 
 from __future__ import annotations
@@ -52,12 +55,19 @@ class VGG(nn.Module):
         norm: str = "bn",
         affine: bool = True,
         norm_kwargs: dict | None = None,
+        fc_layers: int = 0,
+        fc_width: int = 512,
+        norm_scale: bool = True,
     ):
         super().__init__()
         if depth not in VGG_LAYOUTS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_LAYOUTS)}, got {depth}")
+        if fc_layers < 0 or fc_width < 1:
+            raise ValueError(
+                f"VGG needs fc_layers >= 0 and fc_width >= 1, got {fc_layers}, {fc_width}"
+            )
         dim = spatial_dims(in_shape)
-        choice = NormChoice(norm, affine, norm_kwargs)
+        choice = NormChoice(norm, affine, norm_kwargs, scale=norm_scale)
         layers: list[nn.Module] = []
         channels, size = in_shape[0], min(in_shape[1:])
         for item in VGG_LAYOUTS[depth]:
@@ -74,7 +84,15 @@ class VGG(nn.Module):
             channels = width
         self.features = nn.Sequential(*layers)
         self.pool = adaptive_avg_pool(dim, 1)
+        hidden: list[nn.Module] = []
+        for _ in range(fc_layers):
+            hidden.append(nn.Linear(channels, fc_width, bias=not choice.enabled))
+            if choice.enabled:
+                hidden.append(choice(fc_width, 0))
+            hidden.append(nn.ReLU(inplace=True))
+            channels = fc_width
+        self.fc = nn.Sequential(*hidden)
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+        return self.classifier(self.fc(torch.flatten(self.pool(self.features(x)), 1)))

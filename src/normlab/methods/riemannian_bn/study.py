@@ -80,12 +80,14 @@ QUICK = Setting(
     epochs=12,
     seeds=(0, 1, 2),
 )
+PAPER_VGG = {"fc_layers": 2, "fc_width": 512, "norm_scale": False}
 PAPER = Setting(
     datasets=("cifar10", "cifar100"),
     models={
-        "VGG-13": {"name": "vgg", "depth": 13},
-        "VGG-16": {"name": "vgg", "depth": 16},
-        "VGG-19": {"name": "vgg", "depth": 19},
+        # the paper's VGG: two FC-512-BN-ReLU layers before the classifier, BN without scale
+        "VGG-13": {"name": "vgg", "depth": 13, **PAPER_VGG},
+        "VGG-16": {"name": "vgg", "depth": 16, **PAPER_VGG},
+        "VGG-19": {"name": "vgg", "depth": 19, **PAPER_VGG},
         "WRN-28-10": {"name": "wrn", "depth": 28, "widen": 10, "dropout": 0.3},
     },
     epochs=200,
