@@ -504,3 +504,66 @@ def test_random_networks(seed, order):
     assert all(b <= a * (1 + 1e-12) for a, b in zip(values, values[1:]))
     with torch.no_grad():
         assert rel_change(model(x), y0) < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# The original code's cycle: the named preset
+# ----------------------------------------------------------------------------------------------
+
+
+def original_cycle(weights, c=1.0, p=2.0):
+    """facebookresearch/enorm's cycle, transcribed: every factor from the start-of-cycle weights
+    (Jacobi), and the loop over hidden layers stops before the last one (never balanced)."""
+    weights = [w.clone() for w in weights]
+    ds = []
+    for h in range(
+        1, len(weights) - 1
+    ):  # the last hidden layer (weights[-2] -> weights[-1]) skipped
+        a, b = _as_matrix_pair(weights[h - 1], weights[h])
+        ds.append((b.norm(p=p, dim=1) / (c * a.norm(p=p, dim=1))).sqrt())
+    for h, d in enumerate(ds, start=1):
+        weights[h - 1], weights[h] = _scale_pair(weights[h - 1], weights[h], d)
+    return weights
+
+
+@pytest.mark.parametrize("c", [1.0, 1.2])
+def test_original_preset_is_the_original_cycle(c):
+    from normlab.enorm import ENORM_PRESETS
+
+    torch.manual_seed(2)
+    model = mlp([12, 20, 16, 9, 5]).double()
+    twin = copy.deepcopy(model)
+    enorm = ENorm(model, c=c, **ENORM_PRESETS["original"])
+    assert len(enorm.groups) == 2  # three hidden layers, the last left alone
+    unbalanced = ENorm(model, c=c)  # all three groups, to unbalance every layer
+    unbalance(unbalanced, 1.5, seed=4)
+    twin.load_state_dict(model.state_dict())
+    want = weights_of(model)
+    for _ in range(3):
+        want = original_cycle(want, c=c)
+        enorm.cycle()
+    for got, ref in zip(weights_of(model), want):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    # the same as excluding the last hidden ReLU by name ("5" in this Sequential)
+    by_name = ENorm(twin, c=c, order="simultaneous", exclude=["5"])
+    for _ in range(3):
+        by_name.cycle()
+    for a, b in zip(weights_of(model), weights_of(twin)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_leaving_the_last_hidden_layer_keeps_the_function_and_its_weights():
+    torch.manual_seed(0)
+    model = mlp([6, 8, 8, 3]).double()  # Linear 0, ReLU 1, Linear 2, ReLU 3, Linear 4
+    x = torch.randn(5, 6, dtype=torch.float64)
+    out = model(x)
+    unbalance(ENorm(model), 1.0, seed=1)  # unbalance both hidden layers
+    torch.testing.assert_close(model(x), out, rtol=1e-10, atol=1e-12)
+    enorm = ENorm(model, balance_last_hidden=False)
+    assert [g.name for g in enorm.groups] == ["0"]
+    middle, last = model[2].weight.clone(), model[4].weight.clone()
+    enorm.cycle()
+    torch.testing.assert_close(model(x), out, rtol=1e-10, atol=1e-12)
+    assert torch.equal(model[4].weight, last)  # the output layer is never touched
+    assert not torch.equal(model[2].weight, middle)  # its columns follow the first group
+    assert "balance_last_hidden=False" in repr(enorm)

@@ -267,3 +267,14 @@ def test_enorm_finds_every_hidden_layer_of_fully_conv(shape):
     enorm = ENorm(model, None, c=1.1)
     assert len(enorm.groups) == 8  # nine convs: eight hidden layers
     assert enorm.check(torch.randn(4, *shape)) < 1e-5
+
+
+def test_enorm_original_preset_in_the_config():
+    from normlab import resolve_config
+    from normlab.enorm import ENORM_PRESETS
+
+    cfg = resolve_config({"enorm": "original"})
+    assert {k: cfg["enorm"][k] for k in ENORM_PRESETS["original"]} == ENORM_PRESETS["original"]
+    assert cfg["enorm"]["c"] == 1.0  # the rest keeps ENorm's defaults
+    with pytest.raises(ValueError, match="enorm=original"):
+        resolve_config({"enorm": "origin"})

@@ -7,7 +7,8 @@ metrics such as ``enorm``) are sections that are off (``None``) until given a va
 
 Overrides use dotted keys: ``optim.lr=0.1``, ``model.norm_kwargs.num_groups=2``. Assigning a plain
 value to a named section picks its name: ``model=vgg`` is ``model.name=vgg``; ``enorm=true`` turns an
-extension on with its defaults, and ``enorm.c=1.2`` turns it on with ``c`` changed.
+extension on with its defaults, ``enorm=original`` with a named preset, and ``enorm.c=1.2`` turns it
+on with ``c`` changed.
 
 Every unknown key or invalid value raises :class:`~normlab.errors.ConfigError` listing the valid ones.
 """
@@ -145,6 +146,7 @@ class Extension:
     help: str = ""
     bounds: dict[str, Bound] = field(default_factory=dict)
     internal: tuple[str, ...] = ()
+    presets: dict[str, dict] = field(default_factory=dict)  # ``NAME=PRESET``: named option sets
 
     @property
     def defaults(self) -> dict:
@@ -320,8 +322,13 @@ def resolve(config: dict | None = None, overrides: Iterable[str] = ()) -> dict:
             continue
         if given is True:
             given = {}
+        if isinstance(given, str) and given in ext.presets:
+            given = dict(ext.presets[given])
         if not isinstance(given, dict):
-            raise ConfigError(f"{name} takes true/false or {name}.OPTION=VALUE, got {given!r}")
+            presets = "".join(f", {name}={p}" for p in ext.presets)
+            raise ConfigError(
+                f"{name} takes true/false{presets} or {name}.OPTION=VALUE, got {given!r}"
+            )
         resolved[name] = _resolve_options(name, given, dict(ext.defaults))
         check_bounds(name, resolved[name], ext.bounds)
     known = set(TOP_LEVEL_DEFAULTS) | {"data"} | set(_NAMED) | set(_EXTENSIONS)

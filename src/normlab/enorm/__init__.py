@@ -9,16 +9,18 @@ References: Stock, Graham, Gribonval, Jegou, "Equi-normalization of Neural Netwo
 ICLR 2019, arXiv:1902.10416.
 """
 
-from .core import ENorm
+from .core import ENORM_PRESETS, ENorm, last_hidden_groups
 from .graph import ENormGraphError, RescalingGroup, register_norm_layer, trace_plan
 from .optim_state import register_optimizer_state, supported_optimizers
 
 __all__ = [
+    "ENORM_PRESETS",
     "ENorm",
     "ENormGraphError",
     "RescalingGroup",
     "register_norm_layer",
     "register_optimizer_state",
+    "last_hidden_groups",
     "supported_optimizers",
     "trace_plan",
 ]

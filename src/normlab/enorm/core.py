@@ -14,9 +14,18 @@ from .balance import Balancer
 from .graph import ParamSlot, RescalingGroup, RescalingPlan, _unwrap, trace_plan
 from .optim_state import check_optimizer, state_powers, state_tensors
 
-__all__ = ["ENorm"]
+__all__ = ["ENORM_PRESETS", "ENorm", "last_hidden_groups"]
 
 _ORDERS = ("sequential", "simultaneous")
+
+# Named settings. ``original`` reproduces facebookresearch/enorm's cycle exactly: a Jacobi
+# (simultaneous) update in which the last hidden layer is never balanced (its loop stops one
+# layer early; shared/notes/enorm.md section 1.3). The same as excluding the last hidden
+# activation, e.g. ``exclude=["28"]`` on the FC-15 ``fully_connected`` model.
+ENORM_PRESETS: dict[str, dict] = {
+    "paper": {"order": "sequential", "balance_last_hidden": True},
+    "original": {"order": "simultaneous", "balance_last_hidden": False},
+}
 
 
 def _module_from(model) -> nn.Module:
@@ -87,6 +96,10 @@ class ENorm:
         exclude: module names (``model.named_modules()``) or traced operation names to treat as
             opaque cuts: channels entering or leaving them are not rescaled and their
             parameters are untouched. Excluded modules are not traced into.
+        balance_last_hidden: False leaves the last hidden layer (every group that feeds only
+            the output layer, see :func:`last_hidden_groups`) unscaled, as the original code
+            does. ``ENORM_PRESETS["original"]`` (``order="simultaneous"``,
+            ``balance_last_hidden=False``) is the original's cycle to rounding (1e-14).
 
     Usage (after each optimizer step)::
 
@@ -115,6 +128,7 @@ class ENorm:
         include_bias: bool = False,
         order: str = "sequential",
         exclude: Iterable[str] = (),
+        balance_last_hidden: bool = True,
     ) -> None:
         if not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
             raise ValueError(f"Invalid c: {c} (must be a finite number > 0)")
@@ -140,7 +154,11 @@ class ENorm:
         self.include_bias = bool(include_bias)
         self.order = order
         self.exclude = tuple(exclude)
-        self.plan: RescalingPlan = trace_plan(module, self.exclude)
+        self.balance_last_hidden = bool(balance_last_hidden)
+        plan = trace_plan(module, self.exclude)
+        if not self.balance_last_hidden:
+            plan = _freeze_groups(plan, last_hidden_groups(plan))
+        self.plan: RescalingPlan = plan
         self._balancer = Balancer(self.plan, self.c, self.p, self.include_bias)
         self._calls = 0
 
@@ -164,7 +182,8 @@ class ENorm:
     def __repr__(self) -> str:
         return (
             f"ENorm(c={self.c}, p={self.p}, cycles={self.cycles}, every={self.every}, "
-            f"include_bias={self.include_bias}, order={self.order!r}, groups={len(self.groups)}, "
+            f"include_bias={self.include_bias}, order={self.order!r}, "
+            f"balance_last_hidden={self.balance_last_hidden}, groups={len(self.groups)}, "
             f"channels={self.num_variables})"
         )
 
@@ -263,3 +282,39 @@ class ENorm:
 
     def load_state_dict(self, state: dict) -> None:
         self._calls = int(state["calls"])
+
+
+def last_hidden_groups(plan: RescalingPlan) -> list[RescalingGroup]:
+    """The groups read only by parameters that write no group: the last hidden layer(s), whose
+    consumers form the network's output layer."""
+    producers = {name for group in plan.groups for name in group.producers}
+    return [g for g in plan.groups if not (set(g.consumers) & producers)]
+
+
+def _freeze_groups(plan: RescalingPlan, frozen: list[RescalingGroup]) -> RescalingPlan:
+    """``plan`` with the variables of ``frozen`` fixed at 1 (renumbered; frozen index = count)."""
+    drop = {id(g) for g in frozen}
+    keep = [g for g in plan.groups if id(g) not in drop]
+    old_to_new = torch.full((plan.num_variables + 1,), -1, dtype=torch.long)
+    groups, start = [], 0
+    for g in keep:
+        size = g.stop - g.start
+        old_to_new[g.start : g.stop] = torch.arange(start, start + size)
+        groups.append(RescalingGroup(g.name, size, g.producers, g.consumers, start, start + size))
+        start += size
+    old_to_new[old_to_new < 0] = start  # dropped groups and the old frozen index
+
+    def remap(idx):
+        if idx is None:
+            return None
+        new = old_to_new[idx]
+        return None if bool((new == start).all()) else new
+
+    slots = []
+    for s in plan.slots:
+        rows, cols = remap(s.rows), remap(s.cols)
+        if rows is not None or cols is not None:
+            slots.append(
+                ParamSlot(s.name, s.param, s.shape3, rows, cols, s.depth, s.kind, s.module)
+            )
+    return RescalingPlan(slots, groups, start)

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ... import config as config_mod
-from ...enorm import ENorm
+from ...enorm import ENORM_PRESETS, ENorm
 from ...errors import UserError
 from ...train.callbacks import Callback
 
@@ -134,5 +134,7 @@ ENORM_EXTENSION = config_mod.Extension(
     ENormCallback,
     "ENorm (equi-normalization) after every optimizer step: c, p, cycles, every, include_bias, "
     "order (sequential|simultaneous), exclude (module names), apply (false: only log "
-    "weight_sq_norm / enorm_objective)",
+    "weight_sq_norm / enorm_objective); enorm=original: the original code's cycle (simultaneous "
+    "order, last hidden layer unbalanced)",
+    presets=ENORM_PRESETS,
 )
