@@ -1,7 +1,7 @@
 """The ``normlab`` command.
 
     normlab train [--config FILE.yaml|json] [key=value ...]
-    normlab study NAME|all [scale=quick|paper] [jobs=N] [out=DIR] [data.root=PATH]
+    normlab study NAME|all [scale=quick|medium|paper] [jobs=N] [out=DIR] [data.root=PATH]
     normlab sweep [--config FILE] KEY=V1,V2,... [KEY=log:LO:HI:N] [key=value ...] [jobs=N] [out=DIR]
     normlab report RUN_DIR... [--out DIR]
     normlab list [models|norms|optimizers|schedules|datasets|studies|extensions]
@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
         help="run a study (a grid of runs and its report)",
         description="Run a study and write OUT/NAME/report.md. Finished runs are skipped, so an "
         "interrupted study continues where it stopped.",
-        epilog="options (key=value): scale=quick|paper (default quick), jobs=N worker processes, "
-        "out=DIR (default studies_out), data.root=PATH (the dataset files for scale=paper)",
+        epilog="options (key=value): scale=quick|medium|paper (default quick), jobs=N worker "
+        "processes, out=DIR (default studies_out), data.root=PATH (the dataset files for "
+        "scale=medium and scale=paper)",
     )
     p.add_argument(
         "name", metavar="NAME", help="a study name or 'all' (see `normlab list studies`)"

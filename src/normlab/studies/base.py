@@ -32,7 +32,7 @@ from ..registry import load_methods
 from ..report import Report
 from ..train.rundir import RunDirectory
 
-SCALES = ("quick", "paper")
+SCALES = ("quick", "medium", "paper")  # embedded data / real files on a CPU / the paper's
 
 
 @dataclass
@@ -280,10 +280,10 @@ def finite(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def require_root(data_root: str | None, dataset: str, study: str) -> str:
+def require_root(data_root: str | None, dataset: str, study: str, scale: str = "paper") -> str:
     if not data_root:
         raise UserError(
-            f"study {study} at scale=paper trains on {dataset} files: pass data.root=PATH "
+            f"study {study} at scale={scale} trains on {dataset} files: pass data.root=PATH "
             f"(see the README's data section)"
         )
     return data_root

@@ -25,6 +25,9 @@ Scales:
   3 seeds (the original averages 5). Conv input: pad-2 random crops of the 32x32 images + flips
   (the original takes 28x28 crops of the padded images and centre crops at test time). FC input:
   no augmentation. The batch part runs the fc setting for 60 epochs at every batch size.
+* ``medium``: MNIST files (``data.root``), the first 10,000 training images and the test set;
+  FC-15 at width 256 for 10 epochs, the fully convolutional net (2-D) at width 16 for 6 epochs,
+  the batch part at width 128 for 2 epochs; 3 seeds. The paper's pattern on real data on a CPU.
 * ``quick``: mnist1d (fc and conv parts: 4,000 signals of length 40, so the conv net is 1-D) and
   scikit-learn's digits (batch part), narrower networks (width 64; conv width 8), fewer epochs,
   3 seeds. The batch part gives every batch size the fewest epochs reaching ``QUICK_MIN_STEPS``
@@ -74,12 +77,17 @@ NETWORKS = {
         "lr": 0.1,
         "momentum": 0.0,
         "weight_decay": 1e-3,
-        "epochs": {"paper": 60, "quick": 30},
+        "epochs": {"paper": 60, "medium": 10, "quick": 30},
         "model": {
             "paper": {"name": "fully_connected", "depth": 15, "width": 500},
+            "medium": {"name": "fully_connected", "depth": 15, "width": 256},
             "quick": {"name": "fully_connected", "depth": 15, "width": 64},
         },
-        "data": {"paper": {"name": "cifar10"}, "quick": {"name": "mnist1d"}},
+        "data": {
+            "paper": {"name": "cifar10"},
+            "medium": {"name": "mnist"},
+            "quick": {"name": "mnist1d"},
+        },
     },
     "conv": {
         "title": "fully convolutional (9 convs)",
@@ -87,22 +95,26 @@ NETWORKS = {
         "lr": 0.05,
         "momentum": 0.9,
         "weight_decay": 1e-3,
-        "epochs": {"paper": 128, "quick": 30},
+        "epochs": {"paper": 128, "medium": 6, "quick": 30},
         "model": {
             "paper": {"name": "fully_conv", "width": 128},
+            "medium": {"name": "fully_conv", "width": 16},
             "quick": {"name": "fully_conv", "width": 8},
         },
         "data": {
             "paper": {"name": "cifar10", "crop_padding": 2, "flip": 0.5},
+            "medium": {"name": "mnist"},
             "quick": {"name": "mnist1d"},
         },
     },
 }
 BATCH_PART = {  # the batch part: the fc network
     "paper": {"data": {"name": "cifar10"}, "width": 500, "epochs": 60},
+    "medium": {"data": {"name": "mnist"}, "width": 128, "epochs": 2},
     "quick": {"data": {"name": "digits"}, "width": 64, "epochs": None},  # None: QUICK_MIN_STEPS
 }
 PAPER_TRAIN_IMAGES = 40960  # the original trains on the first 40,960 CIFAR-10 images
+MEDIUM_TRAIN_IMAGES = 10000  # medium: the first 10,000 MNIST training images, the whole test set
 QUICK_TRAIN_SIZE = {"digits": 1437, "mnist1d": 4000}
 BATCH = 256
 
@@ -141,6 +153,8 @@ class ENormStudy(Study):
     def runs(self, scale: str, data_root: str | None = None) -> list[RunSpec]:
         if scale == "paper":
             require_root(data_root, "cifar10", self.name)
+        if scale == "medium":
+            require_root(data_root, "MNIST", self.name, scale)
         specs = []
         for net, setting in NETWORKS.items():
             for variant in VARIANTS:
@@ -157,6 +171,8 @@ class ENormStudy(Study):
         data = dict(data)
         if scale == "paper":
             data.update({"root": data_root, "train_limit": PAPER_TRAIN_IMAGES})
+        elif scale == "medium":
+            data.update({"root": data_root, "train_limit": MEDIUM_TRAIN_IMAGES})
         return data
 
     def _main_run(self, net, setting, variant, seed, scale, data_root) -> RunSpec:
@@ -325,7 +341,7 @@ class ENormStudy(Study):
                 f"Each batch size trains for the fewest epochs giving >= {QUICK_MIN_STEPS} steps "
                 f"(at least {QUICK_MIN_EPOCHS})."
                 if scale == "quick"
-                else f"{BATCH_PART['paper']['epochs']} epochs at every batch size."
+                else f"{BATCH_PART[scale]['epochs']} epochs at every batch size."
             )
         )
         grouped = group_by(results, "method", "batch")
@@ -401,6 +417,11 @@ class ENormStudy(Study):
                 "Quick scale: mnist1d (fc, conv) and digits (batch part) with narrower networks "
                 "and fewer epochs; the numbers show the direction of the effects, not the "
                 "paper's values."
+            )
+        elif scale == "medium":
+            report.text(
+                f"Medium scale: MNIST (the first {MEDIUM_TRAIN_IMAGES} training images) with "
+                "narrower networks and fewer epochs than the paper's CIFAR-10 runs."
             )
 
 

@@ -9,6 +9,8 @@ rates x0.2 at 30 %, 60 % and 80 % of training (epochs 60/120/160 of 200), and
           weight decay 5e-4 off the manifold, 0 on BN parameters and biases;
 * Adam-G: lr 0.01 / lrg 0.05, betas (0.9, 0.99), omega 0.1, grad_clip 0.1, same decay.
 
+``scale=medium``: the paper's VGG-13 (two FC layers, BN without scale) at widths x 1/4 and WRN-16-1 on
+the first 10,000 MNIST training images (``data.root``), 6 epochs, one seed.
 ``scale=quick``: VGG-13 (widths x 1/8) and WRN-10-1 with BN on mnist1d, 3 seeds, 12 epochs
 (a couple of minutes on 2 CPU cores). ``scale=paper``: VGG-13/16/19 and WRN-28-10 (dropout 0.3) on
 CIFAR-10 and CIFAR-100 files (``data.root``), 200 epochs, 4-pixel reflect-padded random crops and
@@ -81,6 +83,22 @@ QUICK = Setting(
     seeds=(0, 1, 2),
 )
 PAPER_VGG = {"fc_layers": 2, "fc_width": 512, "norm_scale": False}
+MEDIUM = Setting(
+    datasets=("mnist",),
+    models={
+        "VGG-13 x1/4 (paper's)": {
+            "name": "vgg",
+            "depth": 13,
+            "width_multiplier": 0.25,
+            **PAPER_VGG,
+            "fc_width": 128,
+        },
+        "WRN-16-1": {"name": "wrn", "depth": 16, "widen": 1},
+    },
+    epochs=6,
+    seeds=(0,),
+    data={"train_limit": 10000},
+)
 PAPER = Setting(
     datasets=("cifar10", "cifar100"),
     models={
@@ -120,7 +138,7 @@ DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"
 
 
 def setting(scale: str) -> Setting:
-    return QUICK if scale == "quick" else PAPER
+    return {"quick": QUICK, "medium": MEDIUM, "paper": PAPER}[scale]
 
 
 class RiemannianBNStudy(Study):
@@ -141,10 +159,12 @@ class RiemannianBNStudy(Study):
         s = setting(scale)
         if scale == "paper":
             require_root(data_root, "CIFAR-10/100", self.name)
+        if scale == "medium":
+            require_root(data_root, "MNIST", self.name, scale)
         specs = []
         for data in s.datasets:
             data_section = {"name": data, **s.data}
-            if scale == "paper":
+            if scale != "quick":
                 data_section["root"] = data_root
             for model_label, model in s.models.items():
                 for opt_label, optim in OPTIMIZERS.items():

@@ -18,6 +18,8 @@ Scales:
   150 epochs, ELRs 1e-4 ... 1 (9 values, half decades), plus three SGD + weight decay runs.
   A smaller train set is easier to fit, so regime 1 reaches higher ELRs than with all 4000
   signals (the 1 -> 2 boundary moves up, the 2 -> 3 boundary stays).
+* ``medium``: ConvNetSI (c = 8) on MNIST files (``data.root``), the first 2000 training and 2000
+  test images, 60 epochs (960 steps), the quick ELR grid and baselines.
 * ``paper``: ConvNetSI (c = 32) on CIFAR-10 files (``data.root``), batch 128, no augmentation,
   1000 epochs, the ELRs of the paper's Figure 1 (1e-5 ... 1e-1), and SGD + weight decay runs.
 
@@ -58,6 +60,13 @@ QUICK_TRAIN_LIMIT = 1000
 QUICK_MODEL = {"name": "mlp_si", "width": 128, "depth": 3}
 # (lr, weight decay) of the conventional runs, momentum 0 as in the fixed-ELR runs
 QUICK_CONVENTIONAL: list[tuple[float, float]] = [(1.0, 1e-4), (1.0, 1e-2), (1.0, 1e-1)]
+
+MEDIUM_ELRS: list[float] = QUICK_ELRS
+MEDIUM_EPOCHS = 60
+MEDIUM_TRAIN_LIMIT = 2000  # 16 steps an epoch at batch 128: 960 steps, as many as quick's
+MEDIUM_TEST_LIMIT = 2000
+MEDIUM_MODEL = {"name": "convnet_si", "c": 8}
+MEDIUM_CONVENTIONAL: list[tuple[float, float]] = QUICK_CONVENTIONAL
 
 PAPER_ELRS: list[float] = [1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 5e-2, 1e-1]  # Figure 1
 PAPER_EPOCHS = 1000
@@ -193,6 +202,17 @@ class SphereRegimesStudy(Study):
             model, epochs, elrs = dict(QUICK_MODEL), QUICK_EPOCHS, QUICK_ELRS
             conventional, checkpoint = QUICK_CONVENTIONAL, False  # runs of seconds
             threads = 1  # a 128-wide MLP gains nothing from more threads, a busy machine loses
+        elif scale == "medium":
+            root = require_root(data_root, "MNIST", self.name, scale)
+            data = {
+                "name": "mnist",
+                "root": root,
+                "train_limit": MEDIUM_TRAIN_LIMIT,
+                "test_limit": MEDIUM_TEST_LIMIT,
+            }
+            model, epochs, elrs = dict(MEDIUM_MODEL), MEDIUM_EPOCHS, MEDIUM_ELRS
+            conventional, checkpoint = MEDIUM_CONVENTIONAL, True
+            threads = 1
         else:
             root = require_root(data_root, "CIFAR-10", self.name)
             data = {"name": "cifar10", "root": root}  # no augmentation (the paper's noaug)
@@ -308,12 +328,12 @@ class SphereRegimesStudy(Study):
         found_12 = _boundary(boundaries, CONVERGENCE, CHAOTIC_EQUILIBRIUM)
         found_23 = _boundary(boundaries, CHAOTIC_EQUILIBRIUM, DIVERGENCE)
         direct = _boundary(boundaries, CONVERGENCE, DIVERGENCE)  # no equilibrium run between
-        setting = (
-            f"this run (`{scale}`): SI-MLP, mnist1d ({QUICK_TRAIN_LIMIT} train), "
-            f"{QUICK_EPOCHS} epochs"
-            if scale == "quick"
-            else f"this run (`{scale}`): ConvNetSI c=32, CIFAR-10, {PAPER_EPOCHS} epochs"
-        )
+        setting = {
+            "quick": f"SI-MLP, mnist1d ({QUICK_TRAIN_LIMIT} train), {QUICK_EPOCHS} epochs",
+            "medium": f"ConvNetSI c=8, MNIST ({MEDIUM_TRAIN_LIMIT} train), {MEDIUM_EPOCHS} epochs",
+            "paper": f"ConvNetSI c=32, CIFAR-10, {PAPER_EPOCHS} epochs",
+        }
+        setting = f"this run (`{scale}`): {setting[scale]}"
         rows = [[setting, _interval(found_12), _interval(found_23)]]
         if direct is not None and found_12 is None:
             rows[0][1] = rows[0][2] = f"1 -> 3 directly in {_interval(direct)}"
