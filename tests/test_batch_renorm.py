@@ -665,3 +665,43 @@ def test_torch_compile_matches_eager():
         assert_close(compiled_layer.weight.grad, eager.weight.grad)
         assert_close(compiled_layer.running_var, eager.running_var)
     assert int(compiled_layer.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize(
+    "layer, bn, shape",
+    [
+        (BatchRenorm1d, nn.BatchNorm1d, (0, 3)),
+        (BatchRenorm2d, nn.BatchNorm2d, (0, 3, 4, 5)),
+        (BatchRenorm3d, nn.BatchNorm3d, (0, 3, 2, 2, 2)),
+    ],
+)
+def test_empty_batch_gives_an_empty_output_as_batchnorm(layer, bn, shape):
+    """N = 0 (a rank's share of a short last batch): an empty output, no statistics change, and
+    backward runs, as torch's BatchNorm."""
+    torch.manual_seed(0)
+    ours, ref = layer(3, schedule="constant"), bn(3)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-1, 1)
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+        ours.load_state_dict(ref.state_dict())
+    for m in (ours, ref):
+        m.train()
+    x1 = torch.randn(shape, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ours(x1), ref(x2)
+    assert y1.shape == y2.shape == torch.Size(shape) and y1.dtype == y2.dtype
+    y1.sum().backward()
+    y2.sum().backward()
+    assert x1.grad.shape == x2.grad.shape
+    for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)  # running stats untouched, num_batches_tracked counted alike
+    assert torch.equal(ours.weight.grad, ref.weight.grad)
+    assert torch.equal(ours.bias.grad, ref.bias.grad)
+    for fn in (batch_renorm, batch_renorm_reference):
+        mean, var = ours.running_mean.clone(), ours.running_var.clone()
+        y = fn(x1.detach(), mean, var, ours.weight, ours.bias, True, 0.1, 1e-5, 3.0, 5.0)
+        assert y.shape == torch.Size(shape)
+        assert torch.equal(mean, ours.running_mean) and torch.equal(var, ours.running_var)

@@ -129,6 +129,18 @@ def verify_batch_size(input: Tensor) -> None:
         )
 
 
+def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The output for a batch without values (N = 0), as ``F.batch_norm`` gives it: an empty
+    tensor of the input's shape, still connected to weight and bias (zero gradients) so that
+    backward runs; no statistics exist, so the running statistics are left alone."""
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0].to(input.dtype)
+    if bias is not None:
+        out = out + bias[0].to(input.dtype)
+    return out
+
+
 def _clipped_correction(batch_mean, batch_std, running_mean, running_var, eps, r_max, d_max):
     dtype = batch_mean.dtype
     if isinstance(r_max, Tensor):
@@ -328,6 +340,8 @@ def batch_renorm(
     """
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias)
     verify_batch_size(input)
     y, batch_mean, batch_std = _BatchRenormFunction.apply(
         input, weight, bias, running_mean, running_var, r_max, d_max, eps
@@ -359,6 +373,8 @@ def batch_renorm_reference(
     """
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias)
     verify_batch_size(input)
     dtype = _stats_dtype(input)
     shape = _channel_shape(input)
