@@ -45,3 +45,10 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "normlab", "--version"], capture_output=True, text=True, check=True
     )
     assert done.stdout.startswith("normlab ")
+
+
+def test_a_diverged_run_says_so(tmp_path, capsys):
+    args = ["train", f"out={tmp_path}", "progress=false", "optim.lr=1e9", "optim.momentum=0"]
+    assert main([*args, "epochs=3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("diverged at epoch 1/3") and "nan" not in line

@@ -146,6 +146,13 @@ def _cmd_train(args) -> int:
     base = load_config_file(args.config) if args.config else {}
     summary = train(base, args.overrides)
     final = summary.get("final") or {}
+    if summary["status"] == "diverged":  # the test figures of a NaN model say nothing
+        print(
+            f"diverged at epoch {final.get('epoch', summary['epochs_completed'])}/"
+            f"{summary['epochs']} (the training loss became NaN or Inf), "
+            f"results in {summary['run_dir']}"
+        )
+        return 0
     print(
         f"{summary['status']}: {summary['epochs_completed']}/{summary['epochs']} epochs, "
         f"test acc {_pct(final.get('test_acc'))}, results in {summary['run_dir']}"
