@@ -158,3 +158,32 @@ def test_run_settings_are_applied_then_restored(tmp_path):
     run(tmp_path, "epochs=1", "threads=2", "deterministic=true", callbacks=[seen])
     assert seen.during == (2, True)
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (1, False)
+
+
+# ------------------------------------------------------------------------------ failed runs
+@pytest.mark.parametrize("norm", ["bn", "brn"])
+def test_batch_of_one_sample_is_a_config_error_and_the_run_says_failed(tmp_path, norm):
+    # digits has 1437 training samples = 2 * 718 + 1: the last batch of each epoch is one sample
+    with pytest.raises(ConfigError, match="data.drop_last=true") as err:
+        run(tmp_path, "data=digits", f"model.norm={norm}", "batch_size=718", "name=one")
+    assert "batch_size=718" in str(err.value) and "1 sample" in str(err.value)
+    summary = RunDirectory(tmp_path / "one").read_summary()
+    assert summary["status"] == "failed" and summary["steps"] == 2
+    assert summary["error"].startswith("ConfigError: the last batch of each epoch has 1 sample")
+    ok = run(tmp_path, f"model.norm={norm}", "batch_size=718", "data.drop_last=true", "epochs=1")
+    assert ok["status"] == "finished"
+
+
+def test_a_crash_is_recorded_then_raised(tmp_path):
+    class Boom(Callback):
+        name = "boom"
+
+        def on_step_end(self, state, loss):
+            if state.step == 3:
+                raise RuntimeError("boom at step 3")
+
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        run(tmp_path, "epochs=2", "name=crash", callbacks=[Boom()])
+    summary = RunDirectory(tmp_path / "crash").read_summary()
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: boom at step 3"
+    assert summary["steps"] == 3

@@ -75,6 +75,11 @@ def atomic_torch_save(path: str | os.PathLike, obj) -> None:
             raise
 
 
+def json_compatible(obj):
+    """``obj`` as it reads back from :func:`atomic_write_json` (tuples become lists, ...)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(obj):
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
         return obj.item()

@@ -7,7 +7,20 @@ directory (see :mod:`normlab.train.rundir`). It ends with a status:
 * ``finished``: all epochs done;
 * ``diverged``: the training loss became NaN or Inf (a result, not a crash: the run stops cleanly);
 * ``interrupted``: Ctrl-C; a checkpoint of the exact position is written and ``resume=true``
-  continues from it with the same numbers as an uninterrupted run (on CPU).
+  continues from it with the same numbers as an uninterrupted run (on CPU);
+* ``failed``: any other exception; ``summary.json`` records it (``error``: type and message) and
+  it propagates.
+
+Ctrl-C takes effect between whole steps. A step is forward, backward, the per-step callbacks,
+optimizer and scheduler steps and the loop's counters; a SIGINT that lands inside one would leave a
+checkpoint that is neither before nor after it (for instance BatchNorm's ``num_batches_tracked``
+one ahead of the step counter). So, for the duration of :func:`train` (main thread), a SIGINT
+handler only records the request; the loop looks at it before each step, and stops there: exact
+checkpoint, status ``interrupted``, ``KeyboardInterrupt``. A second Ctrl-C stops at once; the
+checkpoint is then the last one written at a step boundary (writes are atomic, so never a torn
+file). A callback that raises ``KeyboardInterrupt`` in a per-step hook asks for the same deferred
+stop. Under torch.distributed the ranks would not stop at the same step, so there Ctrl-C is
+immediate (and a checkpoint is written only if it landed between steps).
 """
 
 from __future__ import annotations
@@ -17,9 +30,11 @@ import gc
 import math
 import platform
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +55,7 @@ from .distributed import (
     pick_device,
 )
 from .optimizers import BuildContext, build_optimizer
-from .rundir import RunDirectory
+from .rundir import RunDirectory, check_resume_config, run_path
 from .schedules import build_scheduler
 
 BASE_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "time"]
@@ -66,6 +81,8 @@ class TrainState:
     rows: list[dict] = field(default_factory=list)
     accum: list | None = None  # [loss sum, correct, count, seconds] of the epoch in progress
     forward_model: nn.Module | None = None  # the module that runs forward (DDP wrapper or model)
+    # False while a step (or an epoch's end) is half done: no checkpoint can describe that moment.
+    at_boundary: bool = True
 
     def evaluate(self, loader: InMemoryLoader | None = None, train_mode: bool = False):
         """Mean loss and accuracy of the model over ``loader`` (the test set by default).
@@ -92,7 +109,17 @@ def evaluate(model: nn.Module, loader: InMemoryLoader, train_mode: bool = False)
     correct = torch.zeros((), dtype=torch.int64, device=loader.x.device)
     count = 0
     for x, y in loader:
-        logits = model(x)
+        try:
+            logits = model(x)
+        except ValueError as exc:
+            if train_mode and _is_single_value_error(exc):
+                raise ConfigError(
+                    f"a train-mode evaluation batch has {y.shape[0]} sample(s) "
+                    f"({loader.x.shape[0]} samples in batches of {loader.batch_size}): "
+                    "batch-norm layers need more than one value per channel; pick a batch size "
+                    "that does not leave a last batch of one sample"
+                ) from exc
+            raise
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
         count += y.shape[0]
@@ -120,8 +147,54 @@ def train(
         dataset: use this dataset instead of loading ``config["data"]`` (preprocessing still applies).
     """
     cfg = config_mod.resolve(config, overrides)
-    with _torch_settings(cfg):
-        return _train(cfg, callbacks, dataset)
+    with _torch_settings(cfg), _DeferredInterrupt() as stop:
+        return _train(cfg, callbacks, dataset, stop)
+
+
+class _ImmediateInterrupt(KeyboardInterrupt):
+    """A Ctrl-C that could not wait for the end of the step (a second one, or outside the loop)."""
+
+
+class _DeferredInterrupt:
+    """SIGINT handler for one run: while ``defer`` is on, the first Ctrl-C only sets ``requested``
+    (the loop stops at the next step boundary); a second one, or any while ``defer`` is off,
+    raises at once. Installed only in the main thread (the only one Python delivers signals to)
+    and not when SIGINT is ignored (``nohup``, background jobs); the previous handler comes back
+    on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.defer = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (signal.SIG_IGN, None):  # None: a handler set outside Python
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+        return False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def _handle(self, signum, frame):
+        if self.requested or not self.defer:
+            raise _ImmediateInterrupt
+        self.requested = True
+        print(
+            "\nnormlab: stopping after the current step (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @contextlib.contextmanager
@@ -140,20 +213,55 @@ def _torch_settings(cfg: dict):
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _train(cfg: dict, callbacks, dataset: TensorDataset | None) -> dict:
+def _train(cfg: dict, callbacks, dataset: TensorDataset | None, stop) -> dict:
     info = distributed_info()
     device = pick_device(cfg["device"], info)
     owns_group = init_distributed(info, device)
     seed_everything(cfg["seed"])
 
-    run_dir = RunDirectory(Path(cfg["out"]) / config_mod.run_name(cfg))
-    _check_run_dir(run_dir, cfg)
-
+    run_dir = RunDirectory(run_path(cfg["out"], config_mod.run_name(cfg)))
     # Each component's constructor checks its own arguments (ValueError, as in torch); those come
     # from the config, so they reach the user as a ConfigError naming the section to fix.
     with config_errors("data", "fix the data.* options; see `normlab list datasets`"):
         data = _prepare_data(cfg, dataset)
         train_loader, test_loader = _loaders(cfg, data, device, info)
+
+    # One writer per run directory (only the main rank writes); every check of what is already
+    # there happens under the lock, and nothing before this point has touched the directory.
+    with run_dir.lock() if info.is_main else contextlib.nullcontext():
+        _check_run_dir(run_dir, cfg)
+        state = cbs = None
+        try:
+            loaders = (train_loader, test_loader)
+            state, cbs, accum = _start(cfg, callbacks, data, loaders, device, info, run_dir)
+            stop.defer = not info.enabled
+            status = _run_epochs(state, cbs, accum, stop)
+            summary = _summary(state, status)
+            cbs.on_train_end(state, summary)
+            if info.is_main:
+                run_dir.write_summary(summary)
+        except KeyboardInterrupt:
+            if info.is_main and state is not None:
+                _write_interrupted(state, cbs)
+            raise
+        except Exception as exc:
+            if info.is_main:
+                run_dir.write_summary(_failed_summary(run_dir, state, exc))
+            raise
+    if stop.requested:
+        # Ctrl-C during the last step or the last epoch's end: the run is complete and recorded
+        # as such, but the caller (a study's loop, a script) still has to stop.
+        raise KeyboardInterrupt
+    if owns_group:
+        del state, cbs  # DDP's reducer (held by state.forward_model) goes before its group
+        gc.collect()
+        close_distributed()
+    return summary
+
+
+def _start(cfg, callbacks, data: TensorDataset, loaders, device, info, run_dir: RunDirectory):
+    """Model, optimizer, schedule, callbacks and (resuming) the checkpoint's position."""
+    train_loader, test_loader = loaders
     with config_errors("model", "fix the model.* options; see `normlab list models`"):
         model = build_model(
             cfg["model"]["name"],
@@ -200,25 +308,31 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None) -> dict:
         accum = _restore(state, cbs, run_dir.load_checkpoint(map_location=device))
     if info.is_main:
         run_dir.write_config(cfg)
-    summary = _summary(state, "running")
-    if info.is_main:
-        run_dir.write_summary(summary)
+        run_dir.write_summary(_summary(state, "running"))
     cbs.on_train_start(state)
+    return state, cbs, accum
+
+
+def _write_interrupted(state: TrainState, cbs: CallbackList) -> None:
+    """Checkpoint the position (if it is one: between steps) and record ``interrupted``.
+
+    A Ctrl-C that lands here (or one mid-step) leaves the last checkpoint written at a boundary:
+    the writes are atomic, so it is the previous file, whole. The summary is written in any case.
+    """
     try:
-        status = _run_epochs(state, cbs, accum)
-    except KeyboardInterrupt:
-        if info.is_main:
+        if state.at_boundary:
             _save_checkpoint(state, cbs, state.accum)
-            run_dir.write_summary(_summary(state, "interrupted"))
-        raise
-    summary = _summary(state, status)
-    cbs.on_train_end(state, summary)
-    if info.is_main:
-        run_dir.write_summary(summary)
-    if owns_group:
-        del state, cbs, extension_callbacks, forward_model  # DDP's reducer goes before its group
-        gc.collect()
-        close_distributed()
+    finally:
+        state.run_dir.write_summary(_summary(state, "interrupted"))
+
+
+def _failed_summary(run_dir: RunDirectory, state: TrainState | None, exc: BaseException) -> dict:
+    if state is not None:
+        summary = _summary(state, "failed")
+    else:  # failed while starting: keep what the directory said (a resumed run's progress)
+        summary = {**(run_dir.read_summary() or {}), "status": "failed"}
+        summary["run_dir"] = str(run_dir.path)
+    summary["error"] = f"{type(exc).__name__}: {exc}"
     return summary
 
 
@@ -230,7 +344,10 @@ def seed_everything(seed: int) -> None:
 
 
 def _check_run_dir(run_dir: RunDirectory, cfg: dict) -> None:
-    if not run_dir.exists() or cfg["resume"]:
+    if not run_dir.exists():
+        return
+    if cfg["resume"]:
+        check_resume_config(run_dir, cfg)
         return
     if cfg["overwrite"]:
         for path in (run_dir.checkpoint_path, run_dir.metrics_path, run_dir.summary_path):
@@ -278,7 +395,7 @@ def _loaders(cfg, data: TensorDataset, device, info: DistributedInfo):
     return train_loader, test_loader
 
 
-def _run_epochs(state: TrainState, cbs: CallbackList, accum) -> str:
+def _run_epochs(state: TrainState, cbs: CallbackList, accum, stop) -> str:
     cfg = state.config
     progress = cfg["progress"] and state.dist.is_main
     loss_fn = F.cross_entropy
@@ -298,7 +415,18 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum) -> str:
         for i, (x, y) in enumerate(loader):
             if i < skip:
                 continue  # resuming mid-epoch: these batches were trained on before the stop
-            logits = model(x)
+            if stop.requested:  # Ctrl-C: here, between two steps, the checkpoint is exact
+                state.accum[3] += time.perf_counter() - epoch_start
+                if bar is not None:
+                    bar.close()
+                raise KeyboardInterrupt
+            state.at_boundary = False
+            try:
+                logits = model(x)
+            except ValueError as exc:
+                if _is_single_value_error(exc):
+                    raise _single_sample_batch_error(state, i, y.shape[0]) from exc
+                raise
             loss = loss_fn(logits, y)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -319,7 +447,12 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum) -> str:
             else:
                 loss.backward()
             for c in before_step:
-                c.on_before_step(state)
+                try:
+                    c.on_before_step(state)
+                except _ImmediateInterrupt:
+                    raise
+                except KeyboardInterrupt:  # a callback asks to stop: after this step
+                    stop.request()
             optimizer.step()
             scheduler.step()
             state.step += 1
@@ -329,7 +462,13 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum) -> str:
             acc[1] += (logits.argmax(1) == y).sum()  # a tensor: no host sync per step
             acc[2] += y.shape[0]
             for c in step_end:
-                c.on_step_end(state, loss)
+                try:
+                    c.on_step_end(state, loss)
+                except _ImmediateInterrupt:
+                    raise
+                except KeyboardInterrupt:
+                    stop.request()
+            state.at_boundary = True
             if bar is not None:
                 bar.update(1)
                 if (i + 1) % 10 == 0 or i + 1 == len(loader):
@@ -337,7 +476,9 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum) -> str:
         if bar is not None:
             bar.close()
         state.accum[3] += time.perf_counter() - epoch_start
+        state.at_boundary = False
         row = _record_epoch(state, cbs, None, diverged=False)
+        state.at_boundary = True
         if progress:
             _print_row(row, cfg["epochs"])
         if state.run_dir is not None and cfg["checkpoint"]:
@@ -388,9 +529,29 @@ def _record_epoch(state: TrainState, cbs: CallbackList, epoch_start, diverged: b
     state.rows.append(row)
     state.epoch += 1
     state.batch_in_epoch = 0
+    state.accum = None  # the next epoch starts from zero (a checkpoint now must not carry these)
     if state.run_dir is not None:
         state.run_dir.write_metrics(state.rows)
     return row
+
+
+def _is_single_value_error(exc: ValueError) -> bool:
+    # torch's BatchNorm, normlab's BatchRenorm* and the synced norms all raise this message.
+    return "Expected more than 1 value per channel" in str(exc)
+
+
+def _single_sample_batch_error(state: TrainState, index: int, size: int) -> ConfigError:
+    cfg, loader = state.config, state.train_loader
+    n = len(state.dataset.x_train)
+    where = "the last batch" if index == len(loader) - 1 else f"batch {index + 1}"
+    return ConfigError(
+        f"{where} of each epoch has {size} sample(s) ({n} training samples, "
+        f"batch_size={cfg['batch_size']}"
+        + (f", {state.dist.world_size} ranks" if state.dist.enabled else "")
+        + "), and the model's batch-norm layers need more than one value per channel in "
+        "training; set data.drop_last=true to drop the short last batch, or pick a batch_size "
+        "that does not leave one sample over"
+    )
 
 
 def _rng_state() -> dict:

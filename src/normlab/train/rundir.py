@@ -8,25 +8,77 @@
       summary.json    status (running / finished / diverged / interrupted / failed), final figures,
                       environment (torch version, device, threads)
       checkpoint.pt   model, optimizer, scheduler, loop position, callback and RNG states
+      .lock           held (flock) by the one process that trains the run
 
 Every file is written atomically (temporary file + rename), so a crash or Ctrl-C leaves the previous
 complete version in place.
+
+One run directory has one writer: :meth:`RunDirectory.lock` takes an exclusive ``flock`` on
+``.lock`` (the OS releases it when the process ends, however it ends), and a second process on the
+same run gets :class:`RunInUseError`. A resumed run must be the run that was started:
+:func:`config_differences` lists what a new config changes against the recorded ``config.json``,
+apart from ``epochs`` (which may grow) and the :data:`RUN_SETTINGS` that say how, not what, to train.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
+from ..errors import ConfigError, UserError
+from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, json_compatible
+
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 FINAL_STATUSES = ("finished", "diverged")
+
+# Config keys that say how to run, not what is trained: a resumed run may change them.
+RUN_SETTINGS = (
+    "name",
+    "out",
+    "resume",
+    "overwrite",
+    "progress",
+    "checkpoint",
+    "checkpoint_interval",
+    "threads",
+    "device",
+    "deterministic",
+    "data.root",  # where the dataset files are (the same data may move between machines)
+)
+
+
+class RunInUseError(UserError):
+    """Another process holds the run directory's lock."""
+
+
+def run_path(out: str | os.PathLike, name: str) -> Path:
+    """``out/name``, for a ``name`` that is one folder name (it cannot escape ``out``)."""
+    name = str(name)
+    separators = [s for s in (os.sep, os.altsep, "/") if s]
+    if (
+        not name
+        or name in (".", "..")
+        or any(s in name for s in separators)
+        or "\0" in name
+        or Path(name).is_absolute()
+    ):
+        raise ConfigError(
+            f"run name {name!r} must be a single folder name inside out={out} (no path "
+            "separators, not absolute, not '.' or '..'); pick e.g. name=my-run, and out=DIR to "
+            "put the runs elsewhere"
+        )
+    return Path(out) / name
 
 
 class RunDirectory:
@@ -48,6 +100,45 @@ class RunDirectory:
     @property
     def checkpoint_path(self) -> Path:
         return self.path / "checkpoint.pt"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run's exclusive lock for the ``with`` block, or raise :class:`RunInUseError`.
+
+        ``flock(LOCK_EX | LOCK_NB)`` on ``.lock``: the kernel drops it when the file is closed or
+        the process dies (kill -9 included), so a stale lock cannot outlive its holder. The file
+        stays (deleting it would let two processes lock two different inodes of one name); it
+        holds the pid of the last holder, for the error message. Not reliable on network file
+        systems without flock support.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write {self.lock_path}: {exc.strerror or exc}; make its folder writable "
+                "or write elsewhere (e.g. out=DIR)"
+            ) from exc
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    who = f" (pid {holder})" if holder.isdigit() else ""
+                    raise RunInUseError(
+                        f"run directory {self.path} is in use by another process{who}; wait for "
+                        "it to end or stop it, or pick another name=NAME"
+                    ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
 
     def exists(self) -> bool:
         return self.config_path.exists() or self.checkpoint_path.exists()
@@ -98,6 +189,54 @@ class RunDirectory:
         """True when the run ended with a final status (finished or diverged)."""
         summary = self.read_summary()
         return bool(summary) and summary.get("status") in FINAL_STATUSES
+
+
+_ABSENT = object()
+
+
+def config_differences(recorded: dict, new: dict) -> list[str]:
+    """What ``new`` changes against the ``recorded`` config, as ``"key: old -> new"`` lines.
+
+    Ignored: the :data:`RUN_SETTINGS`, and ``epochs`` when it grows (a run may be extended; a
+    smaller value is a difference). Values are compared as JSON (the form of ``config.json``).
+    """
+    out: list[str] = []
+    _diff(json_compatible(recorded), json_compatible(new), "", out)
+    return out
+
+
+def _diff(old, new, key: str, out: list[str]) -> None:
+    if key in RUN_SETTINGS:
+        return
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [*old, *(k for k in new if k not in old)]:
+            _diff(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{key}.{k}" if key else k, out)
+        return
+    if key == "epochs" and isinstance(old, int) and isinstance(new, int) and new >= old:
+        return
+    if old != new or type(old) is not type(new):
+        out.append(f"{key}: {_show(old)} -> {_show(new)}")
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def check_resume_config(run_dir: RunDirectory, new: dict) -> None:
+    """ConfigError listing the differences when ``new`` is not the run recorded in ``run_dir``."""
+    if not run_dir.config_path.exists():
+        return
+    try:
+        recorded = run_dir.read_config()
+    except json.JSONDecodeError:
+        return  # not ours (atomic writes never leave half a file); the checkpoint decides
+    diffs = config_differences(recorded, new)
+    if diffs:
+        raise ConfigError(
+            f"resume=true continues the run in {run_dir.path}, but this config differs from its "
+            f"config.json: {'; '.join(diffs)}. Resume with the recorded values (epochs may grow), "
+            "start over with overwrite=true, or pick a new name=NAME"
+        )
 
 
 def metrics_to_csv(rows: list[dict]) -> str:
