@@ -226,14 +226,19 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None, stop) -> dict:
         data = _prepare_data(cfg, dataset)
         train_loader, test_loader = _loaders(cfg, data, device, info)
 
+    loaders = (train_loader, test_loader)
+    state, cbs = _build(cfg, callbacks, data, loaders, device, info, run_dir)
+
     # One writer per run directory (only the main rank writes); every check of what is already
-    # there happens under the lock, and nothing before this point has touched the directory.
+    # there happens under the lock, and nothing before this point has touched the directory (a
+    # config refused while building leaves no trace). From here on, an exception is recorded.
     with run_dir.lock() if info.is_main else contextlib.nullcontext():
         _check_run_dir(run_dir, cfg)
-        state = cbs = None
+        started = False
         try:
-            loaders = (train_loader, test_loader)
-            state, cbs, accum = _start(cfg, callbacks, data, loaders, device, info, run_dir)
+            accum = _start(state, cbs, run_dir)
+            started = True  # recorded as running: from here the summary says how it ended
+            cbs.on_train_start(state)
             stop.defer = not info.enabled
             status = _run_epochs(state, cbs, accum, stop)
             summary = _summary(state, status)
@@ -241,12 +246,12 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None, stop) -> dict:
             if info.is_main:
                 run_dir.write_summary(summary)
         except KeyboardInterrupt:
-            if info.is_main and state is not None:
+            if info.is_main and started:
                 _write_interrupted(state, cbs)
             raise
         except Exception as exc:
             if info.is_main:
-                run_dir.write_summary(_failed_summary(run_dir, state, exc))
+                run_dir.write_summary(_failed_summary(run_dir, state if started else None, exc))
             raise
     if stop.requested:
         # Ctrl-C during the last step or the last epoch's end: the run is complete and recorded
@@ -259,8 +264,8 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None, stop) -> dict:
     return summary
 
 
-def _start(cfg, callbacks, data: TensorDataset, loaders, device, info, run_dir: RunDirectory):
-    """Model, optimizer, schedule, callbacks and (resuming) the checkpoint's position."""
+def _build(cfg, callbacks, data: TensorDataset, loaders, device, info, run_dir: RunDirectory):
+    """Model, optimizer, schedule and callbacks (nothing is written yet)."""
     train_loader, test_loader = loaders
     with config_errors("model", "fix the model.* options; see `normlab list models`"):
         model = build_model(
@@ -301,16 +306,20 @@ def _start(cfg, callbacks, data: TensorDataset, loaders, device, info, run_dir: 
         if cfg.get(name) is not None:
             with config_errors(name, f"fix the {name}.* options; see `normlab list extensions`"):
                 extension_callbacks.append(ext.build(state, cfg[name]))
-    cbs = CallbackList([*extension_callbacks, *callbacks])
+    return state, CallbackList([*extension_callbacks, *callbacks])
 
+
+def _start(state: TrainState, cbs: CallbackList, run_dir: RunDirectory):
+    """Resume the checkpoint's position (``resume=true``) and record the run as ``running``;
+    returns the epoch accumulator of a run resumed mid-epoch."""
+    cfg, main = state.config, state.dist.is_main  # every rank resumes; the main one writes
     accum = None
     if cfg["resume"] and run_dir.checkpoint_path.exists():
-        accum = _restore(state, cbs, run_dir.load_checkpoint(map_location=device))
-    if info.is_main:
+        accum = _restore(state, cbs, run_dir.load_checkpoint(map_location=state.device))
+    if main:
         run_dir.write_config(cfg)
         run_dir.write_summary(_summary(state, "running"))
-    cbs.on_train_start(state)
-    return state, cbs, accum
+    return accum
 
 
 def _write_interrupted(state: TrainState, cbs: CallbackList) -> None:
