@@ -434,7 +434,7 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum, stop) -> str:
                 logits = model(x)
             except ValueError as exc:
                 if _is_single_value_error(exc):
-                    raise _single_sample_batch_error(state, i, y.shape[0]) from exc
+                    raise _single_sample_batch_error(state, i, y.shape[0], exc) from exc
                 raise
             loss = loss_fn(logits, y)
             loss_value = loss.item()
@@ -549,17 +549,22 @@ def _is_single_value_error(exc: ValueError) -> bool:
     return "Expected more than 1 value per channel" in str(exc)
 
 
-def _single_sample_batch_error(state: TrainState, index: int, size: int) -> ConfigError:
+def _single_sample_batch_error(state: TrainState, index: int, size: int, exc) -> ConfigError:
     cfg, loader = state.config, state.train_loader
     n = len(state.dataset.x_train)
-    where = "the last batch" if index == len(loader) - 1 else f"batch {index + 1}"
+    ranks = f", {state.dist.world_size} ranks" if state.dist.enabled else ""
+    # torch's own words stay at the end: tools (the batch_size study) recognize the case by them
+    if loader.global_batch_size(index) < loader.batch_size:  # the short last batch
+        return ConfigError(
+            f"the last batch of each epoch has {size} sample(s) ({n} training samples, "
+            f"batch_size={cfg['batch_size']}{ranks}), and the model's batch-norm layers need "
+            "more than one value per channel in training; set data.drop_last=true to drop the "
+            f"short last batch, or pick a batch_size that does not leave one sample over ({exc})"
+        )
     return ConfigError(
-        f"{where} of each epoch has {size} sample(s) ({n} training samples, "
-        f"batch_size={cfg['batch_size']}"
-        + (f", {state.dist.world_size} ranks" if state.dist.enabled else "")
-        + "), and the model's batch-norm layers need more than one value per channel in "
-        "training; set data.drop_last=true to drop the short last batch, or pick a batch_size "
-        "that does not leave one sample over"
+        f"a batch of {size} sample(s) (batch_size={cfg['batch_size']}{ranks}) gives the model's "
+        "batch-norm layers one value per channel; use batch_size of at least 2, or a norm that "
+        f"works per sample (model.norm=gn or ln) ({exc})"
     )
 
 
