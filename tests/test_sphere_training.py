@@ -77,7 +77,8 @@ def test_sphere_optimizer_keeps_the_si_norm_at_its_initial_value(tmp_path, seed)
         for value in column(rows, key):
             assert value == pytest.approx(rho0, rel=2e-6)
     assert "wnorm/other" not in rows[0]  # fully SI: no trainable non-SI parameter, no group
-    assert column(rows, "elr") == [0.05] * 3 and column(rows, "lr") == [0.05] * 3
+    assert column(rows, "elr") == [0.05] * 3 and column(rows, "elr/si") == [0.05] * 3
+    assert "lr" not in rows[0]  # the SI group reports its ELR, not a bare lr
     assert rows[-1]["full_train_loss"] < rows[0]["full_train_loss"]  # and it learns
 
 
@@ -202,7 +203,7 @@ def test_sphere_on_a_plain_bn_model_finds_the_si_weights_with_the_probe(tmp_path
         "data.train_limit=256",
         "sphere_metrics=true",
     )
-    assert rows[0]["lr/other"] == 0.05 and rows[0]["lr/si"] == 0.01
+    assert rows[0]["lr/other"] == 0.05 and rows[0]["elr/si"] == 0.01
     assert rows[0]["wnorm/si"] == pytest.approx(rows[1]["wnorm/si"], rel=1e-5)
     assert rows[0]["wnorm/other"] != rows[1]["wnorm/other"]  # the head and BN train
 

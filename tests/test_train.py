@@ -95,7 +95,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
     a, b = RunDirectory(tmp_path / "straight").read_metrics(), cut.read_metrics()
     for ra, rb in zip(a, b, strict=True):
         for key in ra:
-            if key != "time":
+            if key not in ("time", "images_per_s", "peak_memory_mb"):
                 assert ra[key] == rb[key], key
     sa = RunDirectory(tmp_path / "straight").load_checkpoint()["model"]
     sb = cut.load_checkpoint()["model"]

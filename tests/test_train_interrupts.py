@@ -18,7 +18,7 @@ import torch
 
 from normlab.train import Callback, RunDirectory, train
 
-TIMING_KEYS = ("time",)  # and every column ending in "seconds"
+TIMING_KEYS = ("time", "images_per_s", "peak_memory_mb")  # and every "...seconds" column
 
 
 def run(out, *overrides, callbacks=()):

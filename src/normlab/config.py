@@ -42,6 +42,10 @@ TOP_LEVEL_DEFAULTS: dict[str, object] = {
     "checkpoint_interval": 60.0,  # seconds between epoch-end checkpoints; the last epoch and
     # Ctrl-C always write one (0 = after every epoch)
     "threads": 0,  # torch intra-op threads; 0 = leave torch's default
+    "precision": "fp32",  # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)
+    "channels_last": False,  # 4-D weights and inputs in channels-last memory format
+    "compile": False,  # torch.compile the model for training
+    "compile_backend": "inductor",  # torch.compile backend (e.g. aot_eager to check quickly)
 }
 
 DATA_DEFAULTS: dict[str, object] = {
@@ -391,6 +395,8 @@ def _coerce(key: str, value, default):
 
 
 def _check_top_level(cfg: dict) -> None:
+    if cfg["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
     device = cfg["device"]
     if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")

@@ -55,10 +55,14 @@ from .distributed import (
     pick_device,
 )
 from .optimizers import BuildContext, build_optimizer
+from .precision import Precision
 from .rundir import RunDirectory, check_resume_config, run_path
 from .schedules import build_scheduler
 
-BASE_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "time"]
+# then the rates (``lr``, or ``lr/GROUP`` / ``elr/GROUP`` per named group, see rate_columns),
+# ``time``, ``images_per_s``, ``peak_memory_mb``, ``wnorm/GROUP`` and the extensions' columns
+BASE_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc"]
+DIVERGENCE_CHECK_EVERY = 32  # steps between reads of the loss on an accelerator
 
 
 @dataclass
@@ -83,6 +87,8 @@ class TrainState:
     forward_model: nn.Module | None = None  # the module that runs forward (DDP wrapper or model)
     # False while a step (or an epoch's end) is half done: no checkpoint can describe that moment.
     at_boundary: bool = True
+    precision: Precision | None = None  # autocast and fp16 loss scaling (see train.precision)
+    step_skipped: bool = False  # the last step was skipped by fp16 loss scaling (inf/NaN grads)
 
     def evaluate(self, loader: InMemoryLoader | None = None, train_mode: bool = False):
         """Mean loss and accuracy of the model over ``loader`` (the test set by default).
@@ -284,9 +290,15 @@ def _build(cfg, callbacks, data: TensorDataset, loaders, device, info, run_dir: 
         )
     with config_errors("schedule", "fix the schedule.* options; see `normlab list schedules`"):
         scheduler = build_scheduler(optimizer, cfg["schedule"], len(train_loader), cfg["epochs"])
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights; others unchanged
     forward_model: nn.Module = model
     if info.enabled:
         forward_model = nn.parallel.DistributedDataParallel(model)
+    if cfg["compile"]:
+        # Training forwards run compiled; evaluation and callbacks use the bare module, whose
+        # parameters the compiled one shares (checkpoints keep plain state_dict keys).
+        forward_model = torch.compile(forward_model, backend=cfg["compile_backend"])
 
     state = TrainState(
         cfg,
@@ -300,6 +312,7 @@ def _build(cfg, callbacks, data: TensorDataset, loaders, device, info, run_dir: 
         info,
         run_dir if info.is_main else None,
         forward_model=forward_model,
+        precision=Precision(cfg["precision"], device),
     )
     extension_callbacks = []
     for name, ext in config_mod.extensions().items():
@@ -410,6 +423,11 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum, stop) -> str:
     loss_fn = F.cross_entropy
     model, optimizer, scheduler = state.forward_model, state.optimizer, state.scheduler
     before_step, step_end = cbs.before_step, cbs.step_end
+    precision = state.precision
+    channels_last = cfg["channels_last"]
+    # Reading the loss back (to stop a diverged run at once) costs nothing on a CPU but stalls an
+    # accelerator's queue; there it is checked every DIVERGENCE_CHECK_EVERY steps instead.
+    check_every = 1 if state.device.type == "cpu" else DIVERGENCE_CHECK_EVERY
     last_checkpoint = time.monotonic()
     while state.epoch < cfg["epochs"]:
         epoch_start = time.perf_counter()
@@ -430,31 +448,36 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum, stop) -> str:
                     bar.close()
                 raise KeyboardInterrupt
             state.at_boundary = False
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             try:
-                logits = model(x)
+                with precision.autocast():
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
             except ValueError as exc:
                 if _is_single_value_error(exc):
                     raise _single_sample_batch_error(state, i, y.shape[0], exc) from exc
                 raise
-            loss = loss_fn(logits, y)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                state.accum[0] += loss_value
-                state.accum[2] += y.shape[0]
-                _record_epoch(state, cbs, epoch_start, diverged=True)
-                if bar is not None:
-                    bar.close()
-                return "diverged"
+            loss_sum = loss.detach().double() * y.shape[0]
+            if (state.step + 1) % check_every == 0 or i + 1 == len(loader):
+                # the epoch's running sum: a NaN or Inf since the last check shows in it
+                if not math.isfinite(float(state.accum[0] + loss_sum)):
+                    state.accum[0] += loss_sum
+                    state.accum[2] += y.shape[0]
+                    _record_epoch(state, cbs, epoch_start, diverged=True)
+                    if bar is not None:
+                        bar.close()
+                    return "diverged"
             optimizer.zero_grad(set_to_none=True)
             if state.dist.enabled:
                 # DDP averages gradients over ranks; weighting each rank's mean loss by its share
                 # of the global batch makes that average the global-batch mean, also for an uneven
                 # last batch.
-                (
+                precision.backward(
                     loss * (state.dist.world_size * y.shape[0] / loader.global_batch_size(i))
-                ).backward()
+                )
             else:
-                loss.backward()
+                precision.backward(loss)
             for c in before_step:
                 try:
                     c.on_before_step(state)
@@ -462,12 +485,12 @@ def _run_epochs(state: TrainState, cbs: CallbackList, accum, stop) -> str:
                     raise
                 except KeyboardInterrupt:  # a callback asks to stop: after this step
                     stop.request()
-            optimizer.step()
+            state.step_skipped = not precision.step(optimizer)
             scheduler.step()
             state.step += 1
             state.batch_in_epoch = i + 1
             acc = state.accum
-            acc[0] += loss_value * y.shape[0]
+            acc[0] += loss_sum  # a tensor: no host sync per step
             acc[1] += (logits.argmax(1) == y).sum()  # a tensor: no host sync per step
             acc[2] += y.shape[0]
             for c in step_end:
@@ -507,7 +530,8 @@ def _record_epoch(state: TrainState, cbs: CallbackList, epoch_start, diverged: b
     if epoch_start is not None:
         seconds += time.perf_counter() - epoch_start
     totals = all_reduce_sum(
-        torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64), state.dist
+        torch.tensor([float(loss_sum), float(correct), float(count)], dtype=torch.float64),
+        state.dist,
     )
     loss_sum, correct, count = totals.tolist()
     row = {
@@ -521,13 +545,13 @@ def _record_epoch(state: TrainState, cbs: CallbackList, epoch_start, diverged: b
     else:
         row["test_loss"], row["test_acc"] = state.evaluate()
     groups = state.optimizer.param_groups
-    row["lr"] = groups[0].get("lr", float("nan"))
+    row.update(rate_columns(groups))
     row["time"] = seconds
+    row["images_per_s"] = count / seconds if seconds > 0 else float("nan")
+    row["peak_memory_mb"] = peak_memory_mb(state.device)
     names = [g.get("name", f"g{i}") for i, g in enumerate(groups)]
     with torch.no_grad():
         for name, group in zip(names, groups):
-            if len(groups) > 1:
-                row[f"lr/{name}"] = group.get("lr", float("nan"))
             params = [p for p in group["params"]]
             norm = (
                 torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params)) if params else 0.0
@@ -542,6 +566,35 @@ def _record_epoch(state: TrainState, cbs: CallbackList, epoch_start, diverged: b
     if state.run_dir is not None:
         state.run_dir.write_metrics(state.rows)
     return row
+
+
+def rate_columns(groups: list[dict]) -> dict[str, float]:
+    """The step sizes of the optimizer's groups, each column named by its group and its kind:
+    ``lr/euclidean``, ``lr/grassmann``, ``elr/si`` (a group that sets an effective learning rate
+    reports it, not the ``lr`` it implies). A single plain group is the bare ``lr``."""
+    def sets_elr(group: dict) -> bool:  # torch copies defaults into every group: ask the group
+        return "elr" in group and group.get("scale_invariant", True) is not False
+
+    if len(groups) == 1 and not sets_elr(groups[0]):
+        return {"lr": groups[0].get("lr", float("nan"))}
+    columns = {}
+    for i, group in enumerate(groups):
+        kind = "elr" if sets_elr(group) else "lr"
+        columns[f"{kind}/{group.get('name', f'g{i}')}"] = group.get(kind, float("nan"))
+    return columns
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of the run so far: allocated on a CUDA device, the process's resident set on
+    a CPU (Linux reports ``ru_maxrss`` in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):  # not on this platform
+        return float("nan")
 
 
 def _is_single_value_error(exc: ValueError) -> bool:
@@ -586,6 +639,7 @@ def _save_checkpoint(state: TrainState, cbs: CallbackList, accum) -> None:
             "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
             "callbacks": cbs.state_dict(),
+            "precision": state.precision.state_dict(),
             "epoch": state.epoch,
             "step": state.step,
             "batch_in_epoch": state.batch_in_epoch,
@@ -602,6 +656,7 @@ def _restore(state: TrainState, cbs: CallbackList, ckpt: dict):
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     cbs.load_state_dict(ckpt.get("callbacks", {}))
+    state.precision.load_state_dict(ckpt.get("precision", {}))
     state.epoch, state.step = ckpt["epoch"], ckpt["step"]
     state.batch_in_epoch = ckpt["batch_in_epoch"]
     state.rows = list(ckpt["rows"])
@@ -624,6 +679,11 @@ def _summary(state: TrainState, status: str) -> dict:
         "steps": state.step,
         "final": last,
         "best_test_acc": max(test_accs) if test_accs else None,
+        "images_per_s": _mean([r.get("images_per_s") for r in state.rows]),
+        "peak_memory_mb": max(
+            (r["peak_memory_mb"] for r in state.rows if _finite(r.get("peak_memory_mb"))),
+            default=None,
+        ),
         "run_dir": str(state.run_dir.path) if state.run_dir else None,
         "environment": {
             "torch": torch.__version__,
@@ -637,6 +697,11 @@ def _summary(state: TrainState, status: str) -> dict:
 
 def _finite(x) -> bool:
     return isinstance(x, float | int) and math.isfinite(x)
+
+
+def _mean(values) -> float | None:
+    finite = [v for v in values if _finite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def _progress_bar(enabled: bool, total: int, state: TrainState, initial: int):
@@ -659,5 +724,12 @@ def _print_row(row: dict, epochs: int) -> None:
     tqdm.write(
         f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} "
         f"acc {100 * row['train_acc']:5.1f}%  test loss {row['test_loss']:.4f} "
-        f"acc {100 * row['test_acc']:5.1f}%  lr {row['lr']:.3g}  {row['time']:.1f}s"
+        f"acc {100 * row['test_acc']:5.1f}%  {_first_rate(row)}  {row['time']:.1f}s"
     )
+
+
+def _first_rate(row: dict) -> str:
+    for key, value in row.items():
+        if key == "lr" or key.startswith(("lr/", "elr/")):
+            return f"{key} {value:.3g}"
+    return ""

@@ -101,7 +101,7 @@ class ENormCallback(Callback):
             self._pending = None
 
     def on_step_end(self, state, loss) -> None:
-        if not self.apply:
+        if not self.apply or getattr(state, "step_skipped", False):  # fp16 skipped the step
             return
         start = time.perf_counter()
         self.enorm.step()
