@@ -22,6 +22,12 @@ from normlab.data import (
 from normlab.errors import DataError
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    # CIFAR loads write a decoded cache: keep it out of the user's ~/.cache
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
+
+
 # ------------------------------------------------------------------------------------ IDX / MNIST
 def idx_bytes(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(

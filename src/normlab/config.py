@@ -59,6 +59,7 @@ DATA_DEFAULTS: dict[str, object] = {
     "drop_last": False,
     "train_limit": None,
     "test_limit": None,
+    "svhn_extra": False,  # data=svhn: append extra_32x32.mat to the training split
 }
 
 

@@ -383,7 +383,7 @@ def _check_run_dir(run_dir: RunDirectory, cfg: dict) -> None:
 
 def _prepare_data(cfg: dict, dataset: TensorDataset | None) -> TensorDataset:
     d = cfg["data"]
-    raw = dataset if dataset is not None else load_dataset(d["name"], d["root"])
+    raw = dataset if dataset is not None else load_dataset(d["name"], d["root"], d)
     return prepare_dataset(
         raw,
         resize=d["resize"],
