@@ -63,9 +63,24 @@ def test_paper_grid_needs_the_files_and_uses_the_papers_setting():
     with pytest.raises(UserError, match="data.root"):
         study.runs("paper")
     specs = study.runs("paper", "/data/cifar")
+    svhn = [s for s in specs if s.labels["data"] == "svhn"]
+    specs = [s for s in specs if s.labels["data"] != "svhn"]
     assert len(specs) == 2 * 4 * 3 * 5
     models = {s.labels["model"] for s in specs}
     assert models == {"VGG-13", "VGG-16", "VGG-19", "WRN-28-10"}
+    # the poster's SVHN grid, trained as the TF code does (train + extra, no augmentation)
+    assert len(svhn) == 4 * 3 * 5
+    assert {s.labels["model"] for s in svhn} == set(rb.PAPER_RESULTS["svhn"])
+    for spec in svhn:
+        cfg = resolve(spec.config)
+        assert cfg["data"]["svhn_extra"] is True and cfg["data"]["flip"] == 0.0
+        assert cfg["epochs"] == 160 and cfg["schedule"]["milestones"] == [60, 120]
+        assert cfg["schedule"]["gamma"] == 0.1
+        lrs = {"SGD": (0.01, None), "SGD-G": (0.001, 0.02), "Adam-G": (0.001, 0.005)}
+        lr, lrg = lrs[spec.labels["optimizer"]]
+        assert cfg["optim"]["lr"] == lr and cfg["optim"].get("lrg") == lrg
+        if cfg["model"]["name"] == "wrn":
+            assert cfg["model"]["dropout"] == 0.4
     for spec in specs:
         cfg = resolve(spec.config)
         d = cfg["data"]
@@ -77,6 +92,7 @@ def test_paper_grid_needs_the_files_and_uses_the_papers_setting():
             assert (m["depth"], m["widen"], m["dropout"]) == (28, 10, 0.3)
         else:
             assert m["depth"] in (13, 16, 19) and m["width_multiplier"] == 1.0
+            assert m["fc_layers"] == 2 and m["norm_scale"] is False  # the paper's VGG
     # the paper's numbers line up with our labels for the models the paper reports
     assert rb.PAPER_RESULTS["cifar100"]["VGG-13"] == (26.17, 25.29, 24.89)
     assert rb.PAPER_RESULTS["cifar10"]["WRN-28-10"] == (3.89, 3.85, 3.78)

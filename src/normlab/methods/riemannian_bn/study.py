@@ -71,6 +71,8 @@ class Setting:
     epochs: int
     seeds: tuple[int, ...]
     data: dict = field(default_factory=dict)  # extra ``data`` options (augmentation, limits)
+    schedule: dict = field(default_factory=lambda: dict(SCHEDULE))
+    rates: dict[str, dict] = field(default_factory=dict)  # optimizer label -> lr / lrg overrides
 
 
 QUICK = Setting(
@@ -112,6 +114,26 @@ PAPER = Setting(
     seeds=(0, 1, 2, 3, 4),
     data={"crop_padding": 4, "padding_mode": "reflect", "flip": 0.5},
 )
+# SVHN as the TF code trains it (notes section 2): train + extra, no augmentation, 160 epochs,
+# x0.1 after epochs 60 and 120, WRN dropout 0.4, and ten times smaller learning rates.
+PAPER_SVHN = Setting(
+    datasets=("svhn",),
+    models={
+        "VGG-13": {"name": "vgg", "depth": 13, **PAPER_VGG},
+        "VGG-19": {"name": "vgg", "depth": 19, **PAPER_VGG},
+        "WRN-16-4": {"name": "wrn", "depth": 16, "widen": 4, "dropout": 0.4},
+        "WRN-22-8": {"name": "wrn", "depth": 22, "widen": 8, "dropout": 0.4},
+    },
+    epochs=160,
+    seeds=(0, 1, 2, 3, 4),
+    data={"svhn_extra": True},
+    schedule={"name": "multistep", "milestones": [60, 120], "gamma": 0.1},
+    rates={
+        "SGD": {"lr": 0.01},
+        "SGD-G": {"lr": 0.001, "lrg": 0.02},
+        "Adam-G": {"lr": 0.001, "lrg": 0.005},
+    },
+)
 
 # The paper's Table (test error %, median of five runs), from the authors' TF README and poster.
 PAPER_RESULTS: dict[str, dict[str, tuple[float, float, float]]] = {
@@ -137,8 +159,8 @@ PAPER_RESULTS: dict[str, dict[str, tuple[float, float, float]]] = {
 DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
 
 
-def setting(scale: str) -> Setting:
-    return {"quick": QUICK, "medium": MEDIUM, "paper": PAPER}[scale]
+def settings(scale: str) -> list[Setting]:
+    return {"quick": [QUICK], "medium": [MEDIUM], "paper": [PAPER, PAPER_SVHN]}[scale]
 
 
 class RiemannianBNStudy(Study):
@@ -156,41 +178,41 @@ class RiemannianBNStudy(Study):
     )
 
     def runs(self, scale: str, data_root: str | None = None) -> list[RunSpec]:
-        s = setting(scale)
         if scale == "paper":
-            require_root(data_root, "CIFAR-10/100", self.name)
+            require_root(data_root, "CIFAR-10/100 and SVHN", self.name)
         if scale == "medium":
             require_root(data_root, "MNIST", self.name, scale)
         specs = []
-        for data in s.datasets:
-            data_section = {"name": data, **s.data}
-            if scale != "quick":
-                data_section["root"] = data_root
-            for model_label, model in s.models.items():
-                for opt_label, optim in OPTIMIZERS.items():
-                    for seed in s.seeds:
-                        slug = model_label.replace(" ", "").replace("/", "_")
-                        specs.append(
-                            RunSpec(
-                                f"{data}-{slug}-{optim['name']}-s{seed}",
-                                {
-                                    "data": dict(data_section),
-                                    "model": {**model, "norm": "bn"},
-                                    "optim": dict(optim),
-                                    "schedule": dict(SCHEDULE),
-                                    "epochs": s.epochs,
-                                    "batch_size": BATCH_SIZE,
-                                    "seed": seed,
-                                },
-                                {
-                                    "data": data,
-                                    "model": model_label,
-                                    "optimizer": opt_label,
-                                    "seed": seed,
-                                },
+        for s in settings(scale):
+            for data in s.datasets:
+                data_section = {"name": data, **s.data}
+                if scale != "quick":
+                    data_section["root"] = data_root
+                for model_label, model in s.models.items():
+                    for opt_label in OPTIMIZERS:
+                        for seed in s.seeds:
+                            specs.append(
+                                self._run(s, data_section, model_label, model, opt_label, seed)
                             )
-                        )
         return specs
+
+    @staticmethod
+    def _run(s: Setting, data: dict, model_label: str, model: dict, opt_label: str, seed: int):
+        optim = {**OPTIMIZERS[opt_label], **s.rates.get(opt_label, {})}
+        slug = model_label.replace(" ", "").replace("/", "_")
+        return RunSpec(
+            f"{data['name']}-{slug}-{optim['name']}-s{seed}",
+            {
+                "data": dict(data),
+                "model": {**model, "norm": "bn"},
+                "optim": optim,
+                "schedule": dict(s.schedule),
+                "epochs": s.epochs,
+                "batch_size": BATCH_SIZE,
+                "seed": seed,
+            },
+            {"data": data["name"], "model": model_label, "optimizer": opt_label, "seed": seed},
+        )
 
     def analyze(self, results, report, scale):
         optimizers = list(OPTIMIZERS)
