@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, UserError
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "\nnormlab: interrupted; the checkpoint is saved. Run the same command with "
-            "resume=true to continue (a study resumes by itself).",
+            "\nnormlab: interrupted; a run stopped at a step boundary keeps a checkpoint of that "
+            "step: run the same command with resume=true to continue (a study resumes by itself).",
             file=sys.stderr,
         )
         return 130
@@ -87,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a study and write OUT/NAME/report.md. Finished runs are skipped, so an "
         "interrupted study continues where it stopped.",
         epilog="options (key=value): scale=quick|medium|paper (default quick), jobs=N worker "
-        "processes, out=DIR (default studies_out), data.root=PATH (the dataset files for "
+        "processes, threads=N torch threads per run (default: the cores shared among the "
+        "workers), out=DIR (default studies_out), data.root=PATH (the dataset files for "
         "scale=medium and scale=paper)",
     )
     p.add_argument(
@@ -162,27 +164,55 @@ def _cmd_train(args) -> int:
 
 def _cmd_study(args) -> int:
     from .config import parse_overrides
-    from .studies import run_all, run_study
+    from .studies import get_study, run_all, run_study, study_names
 
     options = parse_overrides(args.options)
     scale = options.pop("scale", "quick")
     jobs = options.pop("jobs", None)
     out = options.pop("out", "studies_out")
+    threads = options.pop("threads", None)
     data = options.pop("data", None)
     data_root = data.get("root") if isinstance(data, dict) else None
     if isinstance(data, dict) and set(data) - {"root"}:
         raise ConfigError("a study takes only data.root=PATH among the data options")
     if options:
         raise ConfigError(
-            f"unknown study option(s) {sorted(options)}; valid: scale, jobs, out, data.root"
+            f"unknown study option(s) {sorted(options)}; valid: scale, jobs, threads, out, "
+            "data.root"
         )
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise ConfigError(f"jobs must be a positive integer, got {jobs!r}")
+    overrides = _threads_override(threads)
+    names = study_names() if args.name == "all" else [get_study(args.name).name]
     if args.name == "all":
-        path = run_all(scale, jobs, out, data_root)
+        path = run_all(scale, jobs, out, data_root, overrides=overrides)
     else:
-        path = run_study(args.name, scale, jobs, out, data_root)
+        path = run_study(args.name, scale, jobs, out, data_root, overrides=overrides)
     print(f"report: {path}")
+    return _study_status(
+        [(get_study(n), get_study(n).runs(scale, data_root), Path(out) / n) for n in names]
+    )
+
+
+def _threads_override(threads) -> dict:
+    if threads is None:
+        return {}
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"threads must be an integer >= 0, got {threads!r}")
+    return {"threads": threads}
+
+
+def _study_status(parts) -> int:
+    """0 when some runs ended; 1 (with a line saying so) when every run failed."""
+    from .studies import collect_results
+
+    results = [r for study, specs, folder in parts for r in collect_results(specs, folder)]
+    failed = [r for r in results if r.status == "failed"]
+    if results and len(failed) == len(results):
+        print(f"normlab: every run failed ({len(failed)}); see the report", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"{len(failed)} of {len(results)} runs failed; see the report", file=sys.stderr)
     return 0
 
 
@@ -196,14 +226,10 @@ def _cmd_sweep(args) -> int:
     jobs = extra.get("jobs", 2)
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs must be a positive integer, got {jobs!r}")
-    # validate every run's config before starting any of them
-    from .config import resolve
-
-    for spec in study.runs("quick"):
-        resolve(spec.config)
-    path = run_study(study, "quick", jobs, extra.get("out", "sweeps"))
+    out = extra.get("out", "sweeps")
+    path = run_study(study, "quick", jobs, out)  # every run's config is checked before any runs
     print(f"report: {path}")
-    return 0
+    return _study_status([(study, study.runs("quick"), Path(out) / study.name)])
 
 
 def _cmd_report(args) -> int:

@@ -17,9 +17,7 @@ Layout::
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import math
-import multiprocessing as mp
 import os
 import traceback
 from collections.abc import Callable
@@ -30,7 +28,8 @@ from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_text
 from ..registry import load_methods
 from ..report import Report
-from ..train.rundir import RunDirectory
+from ..train.rundir import RunDirectory, RunInUseError
+from .workers import run_in_workers
 
 SCALES = ("quick", "medium", "paper")  # embedded data / real files on a CPU / the paper's
 
@@ -143,6 +142,7 @@ def run_study(
     _check_unique(specs, study.name)
     configs = {s.name: _run_config(s, folder, overrides) for s in specs}
     pending = [s for s in specs if not RunDirectory(folder / "runs" / s.name).is_complete()]
+    check_runs([configs[s.name] for s in pending])
     execute_runs([configs[s.name] for s in pending], jobs, progress, f"{study.name} ({scale})")
     results = collect_results(specs, folder)
     report = Report(folder, study.title or study.name)
@@ -156,6 +156,23 @@ def run_study(
     study.analyze(results, report, scale)
     _failure_section(results, report)
     return report.write()
+
+
+def check_runs(configs: list[dict]) -> None:
+    """What can fail before any run starts, checked once for the whole grid: every config
+    resolves (a bad key or value), and every dataset the runs read loads (a missing or damaged
+    file is one error, not one failure per run)."""
+    from ..config import resolve
+    from ..data import load_dataset
+
+    seen = set()
+    for cfg in configs:
+        data = resolve(cfg)["data"]
+        key = (data["name"], data["root"], tuple(sorted((k, str(v)) for k, v in data.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        load_dataset(data["name"], data["root"], data)
 
 
 def execute_runs(configs: list[dict], jobs: int, progress: bool = True, desc: str = "runs"):
@@ -179,15 +196,17 @@ def execute_runs(configs: list[dict], jobs: int, progress: bool = True, desc: st
             if bar is not None:
                 bar.update(1)
     else:
-        # spawn: a fresh interpreter per worker (fork and torch's thread pools do not mix well).
-        ctx = mp.get_context("spawn")
+        # Spawned workers (fork and torch's thread pools do not mix well) that stop together on
+        # one Ctrl-C and die with this process (see studies.workers).
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(execute_one, cfg, threads) for cfg in configs]
-            for future in cf.as_completed(futures):
-                future.result()
-                if bar is not None:
-                    bar.update(1)
+        try:
+            run_in_workers(
+                configs, jobs, threads, execute_one, bar.update if bar is not None else _nothing
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        return
     if bar is not None:
         bar.close()
 
@@ -210,6 +229,8 @@ def execute_one(cfg: dict, threads: int | None = None) -> str:
         return summary["status"]
     except KeyboardInterrupt:
         raise
+    except RunInUseError:
+        return "in use"  # another process trains this run: its directory is not ours to write
     except Exception as exc:  # a failed run is a result of the study, not the end of it
         message = f"{type(exc).__name__}: {exc}"
         run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -218,6 +239,10 @@ def execute_one(cfg: dict, threads: int | None = None) -> str:
         summary.update({"status": "failed", "error": message})
         atomic_write_json(run_dir.summary_path, summary)
         return "failed"
+
+
+def _nothing(*args) -> None:
+    return None
 
 
 def collect_results(specs: list[RunSpec], folder: Path) -> list[RunResult]:
@@ -296,12 +321,13 @@ def run_all(
     data_root: str | None = None,
     progress: bool = True,
     names: list[str] | None = None,
+    overrides: dict | None = None,
 ) -> Path:
     """Run every registered study and write ``OUT/report.md`` linking their reports."""
     out = Path(out)
     lines = ["# normlab studies\n", f"Scale: `{scale}`.\n", "| study | report |", "|---|---|"]
     for name in names or study_names():
-        path = run_study(name, scale, jobs, out, data_root, progress)
+        path = run_study(name, scale, jobs, out, data_root, progress, overrides)
         lines.append(f"| {get_study(name).title or name} | [{name}/report.md]({name}/report.md) |")
         del path
     index = out / "report.md"
