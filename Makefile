@@ -5,7 +5,7 @@ PYTHON ?= python3
 OUT ?= studies_out
 JOBS ?= 2
 
-.PHONY: run test deps lint format bench
+.PHONY: run test deps lint format bench gpu-check
 
 deps:
 	@PYTHON=$(PYTHON) bash scripts/ensure_deps.sh
@@ -27,3 +27,7 @@ format:
 bench: deps
 	$(PYTHON) -m pip install -q -e ".[bench]"
 	for b in benchmarks/bench_*.py; do $(PYTHON) $$b || exit 1; done
+
+# On a CUDA machine: every GPU-specific check in one table (about 5 minutes)
+gpu-check: deps
+	$(PYTHON) benchmarks/gpu_check.py
