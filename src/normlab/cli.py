@@ -171,6 +171,7 @@ def _cmd_study(args) -> int:
     jobs = options.pop("jobs", None)
     out = options.pop("out", "studies_out")
     threads = options.pop("threads", None)
+    launcher = _launcher(options)
     data = options.pop("data", None)
     data_root = data.get("root") if isinstance(data, dict) else None
     if isinstance(data, dict) and set(data) - {"root"}:
@@ -178,20 +179,40 @@ def _cmd_study(args) -> int:
     if options:
         raise ConfigError(
             f"unknown study option(s) {sorted(options)}; valid: scale, jobs, threads, out, "
-            "data.root"
+            "data.root, launcher, launcher.OPTION, wait, report_only, cancel"
         )
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise ConfigError(f"jobs must be a positive integer, got {jobs!r}")
     overrides = _threads_override(threads)
     names = study_names() if args.name == "all" else [get_study(args.name).name]
     if args.name == "all":
-        path = run_all(scale, jobs, out, data_root, overrides=overrides)
+        path = run_all(scale, jobs, out, data_root, overrides=overrides, launcher=launcher)
     else:
-        path = run_study(args.name, scale, jobs, out, data_root, overrides=overrides)
+        path = run_study(
+            args.name, scale, jobs, out, data_root, overrides=overrides, launcher=launcher
+        )
+    if path is None:  # on the cluster, still queued or running (or just cancelled)
+        return 0
     print(f"report: {path}")
     return _study_status(
         [(get_study(n), get_study(n).runs(scale, data_root), Path(out) / n) for n in names]
     )
+
+
+def _launcher(options: dict) -> dict:
+    """``launcher``, ``launcher.*`` and the cluster switches, popped from ``options``."""
+    from .studies.launchers import SWITCHES, launcher_options
+
+    launcher = launcher_options(options.pop("launcher", None))
+    for key in SWITCHES:
+        if key in options:
+            value = options.pop(key)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
+            if launcher["name"] == "local":
+                raise ConfigError(f"{key}= applies to launcher=slurm only")
+            launcher[key] = value
+    return launcher
 
 
 def _threads_override(threads) -> dict:
@@ -227,7 +248,11 @@ def _cmd_sweep(args) -> int:
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs must be a positive integer, got {jobs!r}")
     out = extra.get("out", "sweeps")
-    path = run_study(study, "quick", jobs, out)  # every run's config is checked before any runs
+    launcher = _launcher(extra)
+    # every run's config is checked before any run starts
+    path = run_study(study, "quick", jobs, out, launcher=launcher)
+    if path is None:
+        return 0
     print(f"report: {path}")
     return _study_status([(study, study.runs("quick"), Path(out) / study.name)])
 

@@ -128,24 +128,69 @@ def run_study(
     data_root: str | None = None,
     progress: bool = True,
     overrides: dict | None = None,
-) -> Path:
-    """Run every pending run of ``study`` and write its report; returns the report's path."""
+    launcher: dict | None = None,
+) -> Path | None:
+    """Run every pending run of ``study`` and write its report; returns the report's path.
+
+    ``launcher`` (the ``launcher.*`` options, see :mod:`normlab.studies.launchers`) sends the runs
+    to a Slurm cluster instead of local worker processes; there the report is written once every
+    run has ended, and None is returned while some are still queued or running.
+    """
+    plan = plan_study(study, scale, out, data_root, overrides)
+    if launcher and launcher.get("name", "local") != "local":
+        from .launchers import launch
+
+        return launch(plan, launcher, progress)
+    jobs = jobs or plan.study.default_jobs
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    pending = plan.pending()
+    check_runs(pending)
+    execute_runs(pending, jobs, progress, f"{plan.study.name} ({scale})")
+    return write_report(plan)
+
+
+@dataclass
+class StudyPlan:
+    """A study's grid at one scale, resolved to run configs under ``folder``."""
+
+    study: Study
+    scale: str
+    folder: Path
+    specs: list[RunSpec]
+    configs: dict[str, dict]  # run name -> its config (out, name, resume set)
+
+    def run_dir(self, name: str) -> RunDirectory:
+        return RunDirectory(self.folder / "runs" / name)
+
+    def pending(self) -> list[dict]:
+        """The configs of the runs that have not ended (finished or diverged)."""
+        return [self.configs[s.name] for s in self.specs if not self.run_dir(s.name).is_complete()]
+
+
+def plan_study(
+    study: Study | str,
+    scale: str = "quick",
+    out: str | Path = "studies_out",
+    data_root: str | None = None,
+    overrides: dict | None = None,
+) -> StudyPlan:
     if isinstance(study, str):
         study = get_study(study)
     if scale not in SCALES:
         raise ConfigError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    jobs = jobs or study.default_jobs
-    if jobs < 1:
-        raise ConfigError(f"jobs must be >= 1, got {jobs}")
     folder = Path(out) / study.name
     specs = study.runs(scale, data_root)
     _check_unique(specs, study.name)
     configs = {s.name: _run_config(s, folder, overrides) for s in specs}
-    pending = [s for s in specs if not RunDirectory(folder / "runs" / s.name).is_complete()]
-    check_runs([configs[s.name] for s in pending])
-    execute_runs([configs[s.name] for s in pending], jobs, progress, f"{study.name} ({scale})")
-    results = collect_results(specs, folder)
-    report = Report(folder, study.title or study.name)
+    return StudyPlan(study, scale, folder, specs, configs)
+
+
+def write_report(plan: StudyPlan) -> Path:
+    """The study's report from whatever its run directories hold now."""
+    study, scale = plan.study, plan.scale
+    results = collect_results(plan.specs, plan.folder)
+    report = Report(plan.folder, study.title or study.name)
     if study.description:
         report.text(study.description)
     report.text(
@@ -322,14 +367,19 @@ def run_all(
     progress: bool = True,
     names: list[str] | None = None,
     overrides: dict | None = None,
-) -> Path:
-    """Run every registered study and write ``OUT/report.md`` linking their reports."""
+    launcher: dict | None = None,
+) -> Path | None:
+    """Run every registered study and write ``OUT/report.md`` linking their reports (None while
+    a cluster still has some of their runs)."""
     out = Path(out)
     lines = ["# normlab studies\n", f"Scale: `{scale}`.\n", "| study | report |", "|---|---|"]
+    complete = True
     for name in names or study_names():
-        path = run_study(name, scale, jobs, out, data_root, progress, overrides)
+        path = run_study(name, scale, jobs, out, data_root, progress, overrides, launcher)
+        complete = complete and path is not None
         lines.append(f"| {get_study(name).title or name} | [{name}/report.md]({name}/report.md) |")
-        del path
+    if not complete:
+        return None
     index = out / "report.md"
     atomic_write_text(index, "\n".join(lines) + "\n")
     return index

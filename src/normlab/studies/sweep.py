@@ -113,8 +113,11 @@ def sweep_from_args(options: list[str], base: dict) -> tuple[SweepStudy, dict]:
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r}")
         key, value = item.split("=", 1)
-        if key in ("jobs", "out", "sweep_name"):
+        if key in ("jobs", "out", "sweep_name", "wait", "report_only", "cancel"):
             extra[key] = parse_value(value)
+            continue
+        if key == "launcher" or key.startswith("launcher."):  # where the runs go, not an axis
+            set_dotted(extra, key, parse_value(value))
             continue
         values = parse_axis(value)
         if len(values) > 1 or _RANGE.match(value.strip()):
