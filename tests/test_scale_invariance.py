@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.methods.sphere.groups import scale_invariant_param_groups
 from normlab.scale_invariance import (
     INERT,
     JOINT,
@@ -27,8 +30,6 @@ from normlab.scale_invariance import (
     ScaleInvarianceResult,
     default_tolerance,
     find_scale_invariant,
-    grassmann_param_groups,
-    scale_invariant_param_groups,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -332,11 +333,16 @@ class PreActNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@pytest.fixture(scope="module")
-def preact():
+def probe_preact():
+    """(model, batch, result) of ``PreActNet``; shared with the group builders' tests."""
     torch.manual_seed(1)
     model, x = PreActNet(), torch.randn(6, 3, 8, 8)
     return model, x, find_scale_invariant(model, x)
+
+
+@pytest.fixture(scope="module")
+def preact():
+    return probe_preact()
 
 
 @pytest.fixture(scope="module")
@@ -721,8 +727,8 @@ class Mixed(nn.Module):
         return self.head(F.relu(self.bn2(self.fc(x))))
 
 
-@pytest.fixture(scope="module")
-def mixed():
+def probe_mixed():
+    """(model, batch, result) of ``Mixed``; shared with the group builders' tests."""
     torch.manual_seed(3)
     model, x = Mixed(), torch.randn(6, 3, 6, 6)
     # bn2's input variance at PyTorch's default init is ~1e-3: the eps-leak warning is expected.
@@ -730,127 +736,9 @@ def mixed():
         return model, x, find_scale_invariant(model, x)
 
 
-def test_grassmann_groups_follow_the_paper(mixed):
-    model, _, report = mixed
-    groups = grassmann_param_groups(model, None, report=report, momentum=0.9)
-    assert_partition(model, groups)
-    names = group_names(model, groups)
-    # The depthwise conv (1 row of length 9 per group) is not overcomplete; the stem (32 > 27)
-    # is, and stays Euclidean by default; the GroupNorm-fed pw conv is not row-invariant.
-    # fc feeds BN1d: row-invariant with 6 rows of length 8, on the sphere.
-    assert names["grassmann"] == ["dw.weight", "fc.weight"]
-    assert names["euclidean"] == ["stem.weight", "pw.weight", "head.weight"]
-    assert set(names["no_decay"]) == {n for n, p in model.named_parameters() if p.ndim == 1}
-    by_name = {g["name"]: g for g in groups}
-    assert by_name["grassmann"]["grassmann"] is True
-    assert by_name["grassmann"]["weight_decay"] == 0.0 and by_name["grassmann"]["lr"] == 0.01
-    assert by_name["euclidean"]["weight_decay"] == 5e-4 and by_name["euclidean"]["lr"] == 0.1
-    assert by_name["no_decay"]["weight_decay"] == 0.0 and not by_name["no_decay"]["grassmann"]
-    assert all(g["momentum"] == 0.9 for g in groups)
-    optimizer = torch.optim.SGD(groups, lr=0.5)  # plain dicts any torch optimizer accepts
-    assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in groups]
-
-
-def test_grassmann_overcomplete_policy(mixed):
-    model, _, report = mixed
-    groups = grassmann_param_groups(model, None, report=report, overcomplete="grassmann", omega=0.1)
-    by_name = {g["name"]: g for g in groups}
-    assert group_names(model, groups)["grassmann_overcomplete"] == ["stem.weight"]
-    assert by_name["grassmann_overcomplete"]["omega"] == 0.0  # Y Y^T = I is infeasible
-    assert by_name["grassmann"]["omega"] == 0.1 and by_name["grassmann_overcomplete"]["grassmann"]
-
-
-def test_grassmann_jointly_invariant_policy(preact):
-    model, _, report = preact
-    default = group_names(model, grassmann_param_groups(model, None, report=report))
-    assert "block1.conv2.weight" in default["euclidean"]
-    assert "block1.conv1.weight" in default["grassmann"]
-    paper = group_names(
-        model, grassmann_param_groups(model, None, report=report, jointly_invariant="grassmann")
-    )
-    assert {"block1.conv2.weight", "block2.conv2.weight"} <= set(paper["grassmann"])
-    # The 1x1 shortcut (12 rows of length 8) is overcomplete: Euclidean by default.
-    assert "block1.shortcut.0.weight" in paper["euclidean"]
-
-
-def test_grassmann_groups_bad_options(mixed):
-    model, _, report = mixed
-    for kwargs in (
-        {"overcomplete": "drop"},
-        {"jointly_invariant": "sphere"},
-        {"lr": -1.0},
-        {"weight_decay": -1.0},
-    ):
-        with pytest.raises(ValueError, match="Invalid"):
-            grassmann_param_groups(model, None, report=report, **kwargs)
-    with pytest.raises(ValueError, match="Invalid batch"):
-        grassmann_param_groups(model, None)
-    with pytest.raises(ValueError, match="does not cover"):
-        grassmann_param_groups(nn.Linear(2, 2), None, report=report)
-
-
-def test_grassmann_groups_probe_by_themselves():
-    model = seq(fc=nn.Linear(6, 4, bias=False), bn=nn.BatchNorm1d(4), head=nn.Linear(4, 2))
-    groups = grassmann_param_groups(model, torch.randn(8, 6), lr=0.2)
-    names = group_names(model, groups)
-    assert names == {
-        "grassmann": ["fc.weight"],
-        "euclidean": ["head.weight"],
-        "no_decay": ["bn.weight", "bn.bias", "head.bias"],
-    }
-    try:
-        from normlab.optim import SGDG
-    except ImportError:
-        return  # written concurrently; checked once it exists
-    SGDG(groups, lr=0.2)
-
-
-def test_sphere_groups_by_granularity(preact):
-    model, _, report = preact
-    stream = ["block1.conv2.weight", "block1.shortcut.0.weight", "block2.conv2.weight"]
-    rows = group_names(model, scale_invariant_param_groups(model, None, "row", report=report))
-    assert rows["si_row"] == ["stem.weight", "block1.conv1.weight", "block2.conv1.weight"]
-    assert rows["si_joint0"] == stream
-    assert "head.weight" in rows["non_si"] and "block1.bn1.weight" in rows["non_si"]
-    groups = scale_invariant_param_groups(model, None, "global", report=report, elr=1e-3)
-    assert_partition(model, groups)
-    by_name = {g["name"]: g for g in groups}
-    assert by_name["si_global"]["granularity"] == "global" and by_name["si_global"]["elr"] == 1e-3
-    assert group_names(model, groups)["si_global"] == [
-        "stem.weight",
-        "block1.conv1.weight",
-        "block1.conv2.weight",
-        "block1.shortcut.0.weight",
-        "block2.conv1.weight",
-        "block2.conv2.weight",
-    ]
-    assert by_name["non_si"]["scale_invariant"] is False and "elr" not in by_name["non_si"]
-    # Joint sets made only of BN affine parameters count with joint_sets="all".
-    everything = group_names(
-        model, scale_invariant_param_groups(model, None, "tensor", report=report, joint_sets="all")
-    )
-    assert len([k for k in everything if k.startswith("si_joint")]) == len(report.joint_sets)
-    nothing_joint = group_names(
-        model, scale_invariant_param_groups(model, None, report=report, joint_sets="none")
-    )
-    assert set(stream) <= set(nothing_joint["non_si"])
-
-
-def test_sphere_groups_tensor_granularity_and_freezing(mixed):
-    model, _, report = mixed
-    row = group_names(model, scale_invariant_param_groups(model, None, "row", report=report))
-    assert row["si_row"] == ["stem.weight", "dw.weight", "fc.weight"]
-    assert row["si_tensor"] == ["pw.weight"]  # GroupNorm-fed: one sphere per tensor
-    groups = scale_invariant_param_groups(model, None, "tensor", report=report, non_si={"lr": 0.0})
-    assert_partition(model, groups)
-    by_name = {g["name"]: g for g in groups}
-    assert by_name["non_si"]["lr"] == 0.0
-    assert all(g["granularity"] == "tensor" for g in groups if g["name"] == "si_tensor")
-    assert "si_row" not in by_name
-    with pytest.raises(ValueError, match="Invalid granularity"):
-        scale_invariant_param_groups(model, None, "filter", report=report)
-    with pytest.raises(ValueError, match="Invalid joint_sets"):
-        scale_invariant_param_groups(model, None, report=report, joint_sets="some")
+@pytest.fixture(scope="module")
+def mixed():
+    return probe_mixed()
 
 
 def test_row_count_of_mixed_model(mixed):
@@ -858,3 +746,22 @@ def test_row_count_of_mixed_model(mixed):
     assert report.names(ROW) == ["stem.weight", "dw.weight", "fc.weight"]
     assert report["pw.weight"].kind == TENSOR
     assert math.isclose(report.tol, 1e-5)
+
+
+def test_moved_group_builders_resolve_lazily():
+    """The group builders live with their methods; the old names still resolve, on first use."""
+    code = (
+        "import sys\n"
+        "import normlab.scale_invariance as si\n"
+        "assert not any(m.startswith('normlab.methods') for m in sys.modules), 'eager'\n"
+        "from normlab.methods.riemannian_bn.groups import grassmann_param_groups as g\n"
+        "from normlab.methods.sphere.groups import scale_invariant_param_groups as s\n"
+        "assert si.grassmann_param_groups is g and si.scale_invariant_param_groups is s\n"
+        "from normlab.scale_invariance import grassmann_param_groups\n"
+        "assert grassmann_param_groups is g\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        import normlab.scale_invariance as si
+
+        si.nothing  # noqa: B018

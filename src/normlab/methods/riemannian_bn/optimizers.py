@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from ...optim import SGDG, AdamG
-from ...scale_invariance import grassmann_param_groups
 from ...train.optimizers import BuildContext, OptimizerSpec
+from .groups import grassmann_param_groups
 
 __all__ = [
     "ADAMG_DEFAULTS",

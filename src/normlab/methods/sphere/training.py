@@ -52,11 +52,11 @@ import torch.nn as nn
 from ... import config as config_mod
 from ...data import InMemoryLoader
 from ...optim import SphereSGD
-from ...scale_invariance import scale_invariant_param_groups
 from ...sphere_metrics import SphereMetricsTracker, cosine_to_init, scale_invariant_norm
 from ...train.callbacks import Callback
 from ...train.loop import evaluate
 from ...train.optimizers import BuildContext, OptimizerSpec
+from .groups import scale_invariant_param_groups
 
 __all__ = [
     "SI_SOURCES",
