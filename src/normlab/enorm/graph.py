@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..nn import layer_registry
 
 __all__ = [
     "ENormGraphError",
@@ -206,104 +207,8 @@ class _Origin:
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS: list[type] = [
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
-]  # fmt: skip
-# Element-wise and positively 1-homogeneous, whatever the layout.
-_ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-)
-# Per-channel spatial operations (channels-first tensors only), positively 1-homogeneous.
-_SPATIAL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.LPPool1d,
-    nn.LPPool2d,
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
-    nn.ConstantPad1d,
-    nn.ConstantPad2d,
-    nn.ConstantPad3d,
-    nn.ReflectionPad1d,
-    nn.ReflectionPad2d,
-    nn.ReflectionPad3d,
-    nn.ReplicationPad1d,
-    nn.ReplicationPad2d,
-    nn.ReplicationPad3d,
-    nn.CircularPad1d,
-    nn.CircularPad2d,
-    nn.CircularPad3d,
-    nn.Upsample,
-)
-
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu,
-    F.relu_,
-    torch.relu,
-    torch.relu_,
-    F.leaky_relu,
-    F.leaky_relu_,
-    F.prelu,
-    F.rrelu,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    operator.neg,
-    torch.neg,
-}
-_ELEMENTWISE_METHODS = {
-    "relu",
-    "relu_",
-    "contiguous",
-    "clone",
-    "detach",
-    "float",
-    "double",
-    "neg",
-}
-_SPATIAL_FUNCTIONS = {
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.lp_pool1d,
-    F.lp_pool2d,
-    F.interpolate,
-    F.upsample,
-    torch.max_pool1d,
-    torch.max_pool2d,
-    torch.max_pool3d,
-    torch.avg_pool1d,
-}
+# Norm layers and channel-wise pass-through ops (ReLU, pooling, padding, dropout, flatten, ...)
+# come from the registry shared with the scale-invariance probe: normlab.nn.layer_registry.
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _SCALAR_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
@@ -317,23 +222,11 @@ def register_norm_layer(cls: type) -> None:
     Its instances are not traced into. ENorm leaves their input channels unscaled and rescales
     their output channels through ``weight`` and ``bias`` (shape (C,) or starting with C), which
     is exact whenever the layer computes ``y = weight * f(x) + bias`` channel by channel, as
-    batch, group, instance, layer and batch re-normalization do.
+    batch, group, instance, layer and batch re-normalization do. The declaration goes to the
+    shared :mod:`normlab.nn.layer_registry`, so the scale-invariance probe knows the layer too
+    (use :func:`normlab.nn.layer_registry.register_norm_layer` to also say what it normalizes).
     """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"Invalid norm layer class: {cls!r} is not an nn.Module subclass")
-    if cls not in _NORMS:
-        _NORMS.append(cls)
-
-
-def _register_normlab_norms() -> None:
-    # normlab's own layers with BatchNorm's affine (their forward is not fx-traceable).
-    try:
-        from ..nn.batch_renorm import _BatchRenorm
-        from ..nn.sync import SyncBatchNorm
-    except ImportError:  # pragma: no cover - layout changed: users can register them
-        return
-    register_norm_layer(_BatchRenorm)
-    register_norm_layer(SyncBatchNorm)
+    layer_registry.register_norm_layer(cls)
 
 
 def _is_plain(module: nn.Module, classes) -> bool:
@@ -348,16 +241,18 @@ def _is_plain(module: nn.Module, classes) -> bool:
     return False
 
 
-def _is_norm(module: nn.Module) -> bool:
-    for cls in _NORMS:
-        if isinstance(module, cls) and (
-            type(module).forward is cls.forward or type(module) in _NORMS
-        ):
-            return True
-    return False
+def _norm_layer(module: nn.Module) -> layer_registry.NormLayer | None:
+    """The registry entry of a norm layer that keeps its registered class's forward."""
+    return layer_registry.find_norm_layer(module, same_forward=True)
 
 
-_LEAF_CLASSES = (nn.Linear, *_CONV, *_ELEMENTWISE_MODULES, *_SPATIAL_MODULES, nn.Flatten)
+def _is_leaf(module: nn.Module) -> bool:
+    """Layers ENorm reads as a whole: Linear, Conv, norm layers and pass-through modules."""
+    return (
+        _is_plain(module, (nn.Linear, *_CONV))
+        or _norm_layer(module) is not None
+        or layer_registry.find_pass_through(module) is not None
+    )
 
 
 def _callable_name(target) -> str:
@@ -376,7 +271,7 @@ class _Tracer(fx.Tracer):
         self.failed_scope: str | None = None  # innermost module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaves or _is_norm(m) or _is_plain(m, _LEAF_CLASSES):
+        if module_qualified_name in self._leaves or _is_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -572,36 +467,26 @@ class _Walker:
             return self.visit_linear(node, module, x, depth)
         if _is_plain(module, _CONV):
             return self.visit_conv(node, module, x, depth)
-        if _is_norm(module):
-            return self.visit_norm(node, module, x, depth)
+        norm = _norm_layer(module)
+        if norm is not None:
+            return self.visit_norm(node, module, norm, x, depth)
         if x is None:
             return None  # any layer on frozen input: nothing to follow, parameters untouched
-        if _is_plain(module, _ELEMENTWISE_MODULES):
-            return x
-        if _is_plain(module, _SPATIAL_MODULES):
+        op = layer_registry.find_pass_through(module)
+        if op is None:
+            self.fail(
+                node,
+                f"{type(module).__name__} is not a channel-wise positively homogeneous "
+                "operation ENorm knows",
+            )
+        if op.layout == "spatial":
             self.require_channels_first(node, x)
-            if getattr(module, "return_indices", False):
-                self.fail(node, "pooling with return_indices is not supported")
-            if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
-                if module.value != 0:
-                    self.fail(
-                        node,
-                        f"padding with the constant {module.value} is not "
-                        "positively homogeneous (only zero padding is)",
-                    )
-            if isinstance(module, nn.Upsample) and module.mode not in (
-                "nearest", "linear", "bilinear", "bicubic", "trilinear", "nearest-exact"
-            ):  # fmt: skip
-                self.fail(node, f"upsampling mode {module.mode!r} is not supported")
-            return x
-        if _is_plain(module, (nn.Flatten,)):
+        refusal = op.refusal(module)
+        if refusal is not None:
+            self.fail(node, refusal)
+        if op.layout == "flatten":
             return self.flatten(node, x, module.start_dim, module.end_dim)
-        self.fail(
-            node,
-            f"{type(module).__name__} is not a channel-wise positively homogeneous "
-            "operation ENorm knows",
-        )
-        return None
+        return x
 
     def linear_columns(self, node: fx.Node, x: _Channels | None, in_features: int):
         if x is None:
@@ -670,21 +555,21 @@ class _Walker:
         self.record(module.bias, (1, c_out, 1), out.ids, None, depth, "bias", node.target)
         return out
 
-    def visit_norm(self, node, module: nn.Module, x, depth) -> _Channels | None:
+    def visit_norm(
+        self, node, module: nn.Module, norm: layer_registry.NormLayer, x, depth
+    ) -> _Channels | None:
         # The input of a normalization layer is a cut: per-channel scaling of it is absorbed by
         # the normalization only up to eps, and running statistics would have to change. Its
         # output is a fresh group written by the per-channel affine (scale and shift), which is
         # exact in train and eval mode alike; running statistics are never touched.
         self.freeze(x)
-        weight, bias = (
-            p if isinstance(p, torch.Tensor) and id(p) in self.names else None
-            for p in (getattr(module, "weight", None), getattr(module, "bias", None))
-        )
+        affine = norm.affine_params(module) + (None, None)
+        weight, bias = (p if p is not None and id(p) in self.names else None for p in affine[:2])
         if weight is None and bias is None:
             return None  # no affine: the output cannot be rescaled
         rank = x.rank if x is not None else None
         channel_dim = x.channel_dim if x is not None else 1
-        if isinstance(module, nn.LayerNorm):
+        if norm.normalized == "layer":  # LayerNorm, RMSNorm: affine over normalized_shape
             shape = tuple(module.normalized_shape)
             if channel_dim == -1 and len(shape) == 1:
                 channels, per_row = shape[0], 1
@@ -710,15 +595,9 @@ class _Walker:
     def visit_function(self, node: fx.Node) -> _Channels | None:
         target = node.target
         x = self.node_value(node.args[0]) if node.args else None
-        if target in _ELEMENTWISE_FUNCTIONS:
-            self.check_only_first_free(node)
-            return x
-        if target in _SPATIAL_FUNCTIONS:
-            self.check_only_first_free(node)
-            self.require_channels_first(node, x)
-            if self.arg(node, 5, "return_indices", False) is True and "max_pool" in node.name:
-                self.fail(node, "pooling with return_indices is not supported")
-            return x
+        op = layer_registry.pass_through_function(target)
+        if op is not None:
+            return self.pass_function(node, op, x)
         if target in _ADD_FUNCTIONS:
             return self.add(
                 node, node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
@@ -727,10 +606,6 @@ class _Walker:
             return self.scalar_product(node)
         if target in _CAT_FUNCTIONS:
             return self.cat(node)
-        if target is torch.flatten:
-            return self.flatten(
-                node, x, self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1)
-            )
         if target in (torch.mean, torch.sum, torch.amax):
             return self.reduce(
                 node, x, self.arg(node, 1, "dim"), self.arg(node, 2, "keepdim", False)
@@ -760,21 +635,15 @@ class _Walker:
         x = self.node_value(node.args[0])
         if name in _SHAPE_METHODS:
             return None
-        if name in _ELEMENTWISE_METHODS:
-            self.check_only_first_free(node)
-            return x
+        op = layer_registry.pass_through_method(name)
+        if op is not None:
+            return self.pass_method(node, op, x)
         if name in ("add", "add_", "sub", "sub_"):
             return self.add(
                 node, node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
             )
         if name in ("mul", "mul_", "div", "div_"):
             return self.scalar_product(node)
-        if name == "flatten":
-            return self.flatten(
-                node, x, self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1)
-            )
-        if name in ("view", "reshape"):
-            return self.view(node, x)
         if name in _REDUCE_NAMES:
             return self.reduce(
                 node, x, self.arg(node, 1, "dim"), self.arg(node, 2, "keepdim", False)
@@ -783,11 +652,40 @@ class _Walker:
             return self.clamp(node, x)
         if name in ("squeeze", "unsqueeze"):
             return self.squeeze(node, x, name)
-        if name == "to":
-            self.check_only_first_free(node)
-            return x
         self.fail(node, "it is not a channel-wise positively homogeneous operation ENorm knows")
         return None
+
+    def pass_function(
+        self, node: fx.Node, op: layer_registry.PassThrough, x: _Channels | None
+    ) -> _Channels | None:
+        """A registered pass-through function: element-wise, spatial (channels first), flatten."""
+        if not op.homogeneous:
+            self.fail(node, f"{_callable_name(node.target)} is not positively homogeneous")
+        if op.layout == "flatten":
+            return self.flatten(
+                node, x, self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1)
+            )
+        self.check_only_first_free(node)
+        if op.layout == "spatial":
+            self.require_channels_first(node, x)
+            if self.arg(node, 5, "return_indices", False) is True and "max_pool" in node.name:
+                self.fail(node, "pooling with return_indices is not supported")
+        return x
+
+    def pass_method(
+        self, node: fx.Node, op: layer_registry.PassThrough, x: _Channels | None
+    ) -> _Channels | None:
+        """A registered pass-through tensor method: element-wise, flatten, view / reshape."""
+        if not op.homogeneous:
+            self.fail(node, f"the method {node.target} is not positively homogeneous")
+        if op.layout == "flatten":
+            return self.flatten(
+                node, x, self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1)
+            )
+        if op.layout == "reshape":
+            return self.view(node, x)
+        self.check_only_first_free(node)
+        return x
 
     def check_only_first_free(self, node: fx.Node) -> None:
         rest = list(node.args[1:]) + list(node.kwargs.values())
@@ -948,7 +846,6 @@ def trace_plan(model: nn.Module, exclude: Iterable[str] = ()) -> RescalingPlan:
     ``exclude`` lists module names (``model.named_modules()``) or traced operation names
     treated as opaque cuts; unknown names are a ValueError.
     """
-    _register_normlab_norms()
     model = _unwrap(model)
     exclude = set(exclude)
     module_names = {name for name, _ in model.named_modules()}

@@ -11,12 +11,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..nn.layer_registry import (
+    find_norm_layer,
+    find_pass_through,
+    pass_through_function,
+    pass_through_method,
+)
 from .probe import is_norm_layer
 
 __all__ = ["fx_paths", "leak_notes", "norm_input_leaks"]
@@ -28,22 +33,13 @@ _LEAK_WARNING = 1e-2
 def norm_input_leaks(
     model: nn.Module, model_eps: Mapping[str, float]
 ) -> tuple[list, Callable[[], None]]:
-    """Hooks recording eps / (median pre-norm variance + eps), eps = the model's own eps."""
+    """Hooks recording eps / (median pre-norm statistic + eps), eps = the model's own eps.
+
+    The statistic (the variance over each set of entries that share one, the mean square for
+    RMSNorm) comes from the layer registry; norm layers it does not describe record nothing.
+    """
     leaks: list[tuple[str, float]] = []
     handles = []
-
-    def variance(module: nn.Module, x: Tensor) -> Tensor | None:
-        x = x.detach()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and x.ndim >= 2:
-            return x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1, unbiased=False)
-        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and x.ndim >= 3:
-            return x.reshape(x.shape[0] * x.shape[1], -1).var(dim=1, unbiased=False)
-        if isinstance(module, nn.GroupNorm):
-            return x.reshape(x.shape[0] * module.num_groups, -1).var(dim=1, unbiased=False)
-        if isinstance(module, nn.LayerNorm):
-            dims = len(module.normalized_shape)
-            return x.reshape(-1, math.prod(x.shape[-dims:])).var(dim=1, unbiased=False)
-        return None
 
     for name, module in model.named_modules():
         eps = model_eps.get(name)
@@ -52,7 +48,8 @@ def norm_input_leaks(
 
         def hook(module: nn.Module, args: tuple, name: str = name, eps: float = eps) -> None:
             if args and isinstance(args[0], Tensor):
-                var = variance(module, args[0])
+                entry = find_norm_layer(module)
+                var = None if entry is None else entry.statistic(module, args[0].detach())
                 if var is not None and var.numel():
                     leaks.append((name, eps / (var.median().item() + eps)))
 
@@ -75,44 +72,40 @@ def leak_notes(leaks: list[tuple[str, float]]) -> list[str]:
     ]
 
 
-_HOMOGENEOUS_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.dropout._DropoutNd,
-    nn.Identity,
-    nn.Flatten,
-)
-_HOMOGENEOUS_FUNCTIONS = {
-    torch.relu,
-    torch.nn.functional.relu,
-    torch.nn.functional.leaky_relu,
-    torch.nn.functional.max_pool1d,
-    torch.nn.functional.max_pool2d,
-    torch.nn.functional.max_pool3d,
-    torch.nn.functional.avg_pool1d,
-    torch.nn.functional.avg_pool2d,
-    torch.nn.functional.avg_pool3d,
-    torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.dropout,
-    torch.flatten,
-}
-_HOMOGENEOUS_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, but norm layers stay leaves (normlab's are not torch.nn's)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_norm_layer(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _norm_scope(module: nn.Module) -> str:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm):
-        return "per channel"
-    if isinstance(module, nn.GroupNorm):
-        if module.num_groups == module.num_channels:
-            return "per channel"
-        return f"per group of {module.num_channels // module.num_groups} channels"
-    if isinstance(module, nn.LayerNorm):
-        return "per sample"
-    return "custom norm"
+    entry = find_norm_layer(module)
+    return "custom norm" if entry is None else entry.scope(module)
+
+
+def _homogeneous_step(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The chain text of a channel-wise positively homogeneous node, else None.
+
+    Pass-through ops come from the layer registry; dropout switched off (the probe copy runs
+    every dropout in eval mode) is the identity, whatever its kind.
+    """
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        op = None if module is None else find_pass_through(module)
+        off = isinstance(module, nn.modules.dropout._DropoutNd) and not module.training
+        if off or (op is not None and op.refusal(module) is None):
+            return f"{node.target} ({type(module).__name__})"
+        return None
+    if node.op == "call_function":
+        op = pass_through_function(node.target)
+        if op is not None and op.homogeneous:
+            return getattr(node.target, "__name__", str(node.target))
+        return None
+    if node.op == "call_method":
+        op = pass_through_method(node.target)
+        return f".{node.target}()" if op is not None and op.homogeneous else None
+    return None
 
 
 def fx_paths(model: nn.Module) -> tuple[dict[str, str], str | None]:
@@ -123,7 +116,7 @@ def fx_paths(model: nn.Module) -> tuple[dict[str, str], str | None]:
     ({param name: path text}, None) or ({}, error text) when tracing fails.
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as err:  # fx raises many types (TraceError, TypeError, ...): all mean "no fx"
         return {}, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     modules = dict(model.named_modules())
@@ -139,22 +132,15 @@ def fx_paths(model: nn.Module) -> tuple[dict[str, str], str | None]:
         current, path = node, None
         while len(current.users) == 1:
             user = next(iter(current.users))
-            if user.op == "call_module":
-                module = modules.get(user.target)
-                if module is not None and is_norm_layer(module):
-                    scope = _norm_scope(module)
-                    chain.append(f"{user.target} ({type(module).__name__}, {scope})")
-                    path = " -> ".join(chain)
-                    break
-                if not isinstance(module, _HOMOGENEOUS_MODULES):
-                    break
-                chain.append(f"{user.target} ({type(module).__name__})")
-            elif user.op == "call_function" and user.target in _HOMOGENEOUS_FUNCTIONS:
-                chain.append(getattr(user.target, "__name__", str(user.target)))
-            elif user.op == "call_method" and user.target in _HOMOGENEOUS_METHODS:
-                chain.append(f".{user.target}()")
-            else:
+            module = modules.get(user.target) if user.op == "call_module" else None
+            if module is not None and is_norm_layer(module):
+                chain.append(f"{user.target} ({type(module).__name__}, {_norm_scope(module)})")
+                path = " -> ".join(chain)
                 break
+            step = _homogeneous_step(user, modules)
+            if step is None:
+                break
+            chain.append(step)
             current = user
         for pname, _ in start.named_parameters(recurse=False):
             found.setdefault(f"{node.target}.{pname}" if node.target else pname, []).append(path)

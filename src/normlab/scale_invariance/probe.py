@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..nn.layer_registry import find_norm_layer
+
 __all__ = ["EPS_SCALE", "Evidence", "PointStats", "Probe", "default_tolerance", "is_norm_layer"]
 
 # Tensor-wide rescale factor of the confirmation (any c far from 1 works; 2.7 avoids "nice" values).
@@ -43,16 +45,25 @@ EPS_SCALE = 1e-6
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """Normalization layers (torch's and custom ones named *Norm*), not local response norm."""
-    known = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-    known += (nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
-    if isinstance(module, known):
+    """A normalization layer: registered (:mod:`normlab.nn.layer_registry`, subclasses too), or
+    custom and named *Norm* / *Renorm* (FilterResponseNorm, ...); never local response norm."""
+    if find_norm_layer(module) is not None:
         return True
     if isinstance(module, nn.LocalResponseNorm | nn.CrossMapLRN2d):
         return False
-    # Custom layers by name: BatchRenorm2d, SyncBatchNorm, FilterResponseNorm, ...
     name = type(module).__name__.rstrip("123d").rstrip("123")
     return name.endswith(("Norm", "Renorm"))
+
+
+def norm_eps(module: nn.Module) -> tuple[str, float] | None:
+    """(attribute, value) of a norm layer's float eps (the registry names the attribute, else
+    ``eps``); None for other modules and for a norm without a float eps."""
+    if not is_norm_layer(module):
+        return None
+    entry = find_norm_layer(module)
+    attr = entry.eps if entry is not None else "eps"
+    eps = getattr(module, attr, None)
+    return (attr, eps) if isinstance(eps, float) else None
 
 
 def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -173,11 +184,7 @@ def default_tolerance(model: nn.Module, eps_scale: float = EPS_SCALE) -> float:
     negligible and the tolerance is its lower clip, 1e-5: above float64 rounding, below the
     Euler cosines of non-invariant tensors. 1e-5 without norm layers.
     """
-    eps = [
-        m.eps
-        for m in model.modules()
-        if is_norm_layer(m) and isinstance(getattr(m, "eps", None), float)
-    ]
+    eps = [found[1] for m in model.modules() if (found := norm_eps(m)) is not None]
     if not eps:
         return 1e-5
     return min(5e-2, max(1e-5, 100.0 * max(eps) * eps_scale))
@@ -217,10 +224,11 @@ class Probe:
             # Dropout is positively homogeneous; switching it off makes forwards comparable.
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.eval()
-            eps = getattr(module, "eps", None)
-            if is_norm_layer(module) and isinstance(eps, float):
+            found = norm_eps(module)
+            if found is not None:
+                attr, eps = found
                 self.model_eps[name] = eps
-                module.eps = eps * eps_scale  # the structural probe (package docstring)
+                setattr(module, attr, eps * eps_scale)  # the structural probe (package docstring)
         params = dict(self.model.named_parameters())
         for p in params.values():
             p.requires_grad_(False)
