@@ -73,10 +73,13 @@ def leak_notes(leaks: list[tuple[str, float]]) -> list[str]:
 
 
 class _Tracer(torch.fx.Tracer):
-    """symbolic_trace's tracer, but norm layers stay leaves (normlab's are not torch.nn's)."""
+    """symbolic_trace's tracer, but norm layers and registered pass-through modules stay leaves
+    (normlab's and the user's are not torch.nn's, and may not be traceable)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_norm_layer(m) or super().is_leaf_module(m, module_qualified_name)
+        if is_norm_layer(m) or find_pass_through(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def _norm_scope(module: nn.Module) -> str:
