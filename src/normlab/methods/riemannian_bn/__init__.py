@@ -2,11 +2,13 @@
 
 * the algorithm: :class:`normlab.optim.SGDG`, :class:`normlab.optim.AdamG` (``optim/sgdg.py``,
   ``optim/adamg.py``) on the sphere maths of :mod:`normlab.geometry`;
-* ``optimizers.py``: ``optim=sgdg`` / ``optim=adamg``, the paper's parameter groups and defaults;
+* ``groups.py``: the paper's parameter groups, found by the scale-invariance probe
+  (:func:`grassmann_param_groups`);
+* ``optimizers.py``: ``optim=sgdg`` / ``optim=adamg``, the paper's policies and defaults;
 * ``study.py``: the ``riemannian_bn`` study (SGD vs SGD-G vs Adam-G);
 * tests: ``tests/test_sgdg.py``, ``test_adamg.py``, ``test_geometry.py``,
-  ``test_riemannian_training.py``, ``test_study_riemannian_bn.py``; the facts:
-  ``shared/notes/riemannian_bn.md``.
+  ``test_riemannian_training.py``, ``test_riemannian_groups.py``,
+  ``test_study_riemannian_bn.py``; the facts: ``shared/notes/riemannian_bn.md``.
 """
 
 

@@ -3,11 +3,13 @@
 * the algorithm: :class:`normlab.optim.SphereSGD` (``optim/sphere.py``) on the sphere maths of
   :mod:`normlab.geometry`; the metrics :mod:`normlab.sphere_metrics`; the regime classifier
   :mod:`normlab.regimes`; the SI models :mod:`normlab.models.scale_invariant`;
+* ``groups.py``: the scale-invariant parameter groups by granularity
+  (:func:`scale_invariant_param_groups`);
 * ``training.py``: ``optim=sphere`` (the SI group on one sphere, the rest Euclidean) and the
   ``sphere_metrics`` extension;
 * ``study.py``: the ``sphere_regimes`` study;
 * tests: ``tests/test_sphere_sgd.py``, ``test_sphere_metrics.py``, ``test_regimes.py``,
-  ``test_si_models.py``, ``test_sphere_training.py``, ``test_study_sphere_regimes.py``; the facts:
+  ``test_si_models.py``, ``test_sphere_training.py``, ``test_sphere_groups.py``, ``test_study_sphere_regimes.py``; the facts:
   ``shared/notes/sphere_regimes.md``.
 """
 
