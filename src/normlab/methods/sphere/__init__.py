@@ -9,8 +9,8 @@
   ``sphere_metrics`` extension;
 * ``study.py``: the ``sphere_regimes`` study;
 * tests: ``tests/test_sphere_sgd.py``, ``test_sphere_metrics.py``, ``test_regimes.py``,
-  ``test_si_models.py``, ``test_sphere_training.py``, ``test_sphere_groups.py``, ``test_study_sphere_regimes.py``; the facts:
-  ``shared/notes/sphere_regimes.md``.
+  ``test_si_models.py``, ``test_sphere_training.py``, ``test_sphere_groups.py``,
+  ``test_study_sphere_regimes.py``; the facts: ``shared/notes/sphere_regimes.md``.
 """
 
 
