@@ -597,7 +597,7 @@ class _Walker:
         x = self.node_value(node.args[0]) if node.args else None
         op = layer_registry.pass_through_function(target)
         if op is not None:
-            return self.pass_function(node, op, x)
+            return self.pass_through(node, op, x)
         if target in _ADD_FUNCTIONS:
             return self.add(
                 node, node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
@@ -637,7 +637,7 @@ class _Walker:
             return None
         op = layer_registry.pass_through_method(name)
         if op is not None:
-            return self.pass_method(node, op, x)
+            return self.pass_through(node, op, x)
         if name in ("add", "add_", "sub", "sub_"):
             return self.add(
                 node, node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
@@ -655,29 +655,14 @@ class _Walker:
         self.fail(node, "it is not a channel-wise positively homogeneous operation ENorm knows")
         return None
 
-    def pass_function(
+    def pass_through(
         self, node: fx.Node, op: layer_registry.PassThrough, x: _Channels | None
     ) -> _Channels | None:
-        """A registered pass-through function: element-wise, spatial (channels first), flatten."""
+        """A registered pass-through function or tensor method (element-wise, spatial on
+        channels-first tensors, flatten, view / reshape)."""
         if not op.homogeneous:
-            self.fail(node, f"{_callable_name(node.target)} is not positively homogeneous")
-        if op.layout == "flatten":
-            return self.flatten(
-                node, x, self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1)
-            )
-        self.check_only_first_free(node)
-        if op.layout == "spatial":
-            self.require_channels_first(node, x)
-            if self.arg(node, 5, "return_indices", False) is True and "max_pool" in node.name:
-                self.fail(node, "pooling with return_indices is not supported")
-        return x
-
-    def pass_method(
-        self, node: fx.Node, op: layer_registry.PassThrough, x: _Channels | None
-    ) -> _Channels | None:
-        """A registered pass-through tensor method: element-wise, flatten, view / reshape."""
-        if not op.homogeneous:
-            self.fail(node, f"the method {node.target} is not positively homogeneous")
+            what = node.target if isinstance(node.target, str) else _callable_name(node.target)
+            self.fail(node, f"{what} is not positively homogeneous")
         if op.layout == "flatten":
             return self.flatten(
                 node, x, self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1)
@@ -685,6 +670,10 @@ class _Walker:
         if op.layout == "reshape":
             return self.view(node, x)
         self.check_only_first_free(node)
+        if op.layout == "spatial":
+            self.require_channels_first(node, x)
+            if self.arg(node, 5, "return_indices", False) is True and "max_pool" in node.name:
+                self.fail(node, "pooling with return_indices is not supported")
         return x
 
     def check_only_first_free(self, node: fx.Node) -> None:
