@@ -220,8 +220,10 @@ def test_launcher_options_are_checked():
     assert launcher_options(None) == {"name": "local"}
     resolved = launcher_options({"name": "slurm", "partition": "gpu", "setup": "module load x"})
     assert resolved["setup"] == ["module load x"] and set(SLURM_DEFAULTS) < set(resolved)
-    with pytest.raises(ConfigError, match="launcher.timeout_min must be >= 1"):
-        launcher_options({"name": "slurm", "timeout_min": 0})
+    with pytest.raises(ConfigError, match="launcher.timeout_min must be >= 2"):
+        launcher_options({"name": "slurm", "timeout_min": 1})
+    with pytest.raises(ConfigError, match="launcher.max_timeouts must be >= 0"):
+        launcher_options({"name": "slurm", "max_timeouts": -1})
     with pytest.raises(ConfigError, match="takes no options"):
         launcher_options({"name": "local", "partition": "gpu"})
 

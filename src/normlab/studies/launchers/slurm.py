@@ -17,7 +17,8 @@ Time limits and preemption lose nothing. Slurm warns a job with SIGUSR2 before i
 (submitit asks for it 90 s ahead) and on preemption; the job turns it into the training loop's own
 stop request (a SIGINT, deferred to the end of the current step), so the run writes an exact
 checkpoint, and then submitit's checkpointing protocol requeues the job, which resumes the run
-from that checkpoint with the same numbers as an uninterrupted run. With ``gpus_per_run > 1`` the
+from that checkpoint with the same numbers as an uninterrupted run (a run may hit
+``launcher.max_timeouts`` time limits; preemptions do not count). With ``gpus_per_run > 1`` the
 job has one task per GPU and each task gets torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ...), so the loop's DDP path runs.
 """
@@ -198,7 +199,9 @@ def submit(plan, configs: list[dict], options: dict) -> list[str]:
     gpus = int(options["gpus_per_run"])
     tasks = max(1, gpus)
     cpus = int(options["cpus_per_run"])
-    executor = submitit.SlurmExecutor(folder=plan.folder / "slurm" / "%j")
+    executor = submitit.SlurmExecutor(
+        folder=plan.folder / "slurm" / "%j", max_num_timeout=int(options["max_timeouts"])
+    )
     parameters = {
         "job_name": f"normlab-{plan.study.name}",
         "time": int(options["timeout_min"]),
