@@ -304,3 +304,27 @@ def test_a_stop_after_the_last_step_is_not_requeued(tmp_path, monkeypatch):
         assert len(requeued) == 1  # interrupted mid-run: submitit's handler requeues it
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_study_all_submits_every_study_before_waiting(monkeypatch, tmp_path):
+    from normlab.studies import base
+
+    calls = []
+
+    def fake_run_study(name, scale, jobs, out, data_root, progress, overrides, launcher):
+        calls.append((name, launcher.get("wait", True)))
+        return tmp_path / name / "report.md"
+
+    monkeypatch.setattr(base, "run_study", fake_run_study)
+    slurm = {"name": "slurm"}
+    assert (
+        base.run_all(out=tmp_path, names=["baseline", "enorm"], launcher=slurm)
+        == tmp_path / "report.md"
+    )
+    assert calls == [("baseline", False), ("enorm", False), ("baseline", True), ("enorm", True)]
+    calls.clear()
+    base.run_all(out=tmp_path, names=["baseline", "enorm"], launcher={**slurm, "wait": False})
+    assert calls == [("baseline", False), ("enorm", False)]  # nothing to wait for: one pass
+    calls.clear()
+    base.run_all(out=tmp_path, names=["baseline", "enorm"], launcher={"name": "local"})
+    assert calls == [("baseline", True), ("enorm", True)]
