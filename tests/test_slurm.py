@@ -182,6 +182,8 @@ def test_cancel_cancels_the_studys_jobs(slurm, shared_dir):
     new_jobs = [json.loads((r / "slurm_job.json").read_text())["job_id"] for r in _runs(shared_dir)]
     assert not set(new_jobs) & set(jobs)
     assert _normlab(*args, "cancel=true").returncode == 0
+    jobs = new_jobs
+    _wait(gone, 120, "the resubmitted jobs to leave the queue")  # before the folder is removed
 
 
 def test_bad_setups_are_one_line_errors(slurm, shared_dir, capsys):
