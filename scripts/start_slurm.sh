@@ -23,10 +23,14 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 
-node_state() { sinfo -h -N -o '%T' 2>/dev/null | head -n 1 | tr -d '*~#'; }
+# The node's state as sinfo prints it: a trailing '*' means slurmd is not responding, so 'idle*'
+# (seen right after slurmctld starts, before slurmd registers) is not up yet.
+node_state() { sinfo -h -N -o '%T' 2>/dev/null | head -n 1; }
+# Up: idle, or busy with jobs (a re-run while tests run must not wait for them to end)
+node_up() { case "$1" in idle | mixed | allocated | completing) return 0 ;; *) return 1 ;; esac; }
 
-if pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && [ "$(node_state)" = idle ]; then
-  log "already running, node idle (${SECONDS} s)"
+if pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && node_up "$(node_state)"; then
+  log "already running, node $(node_state) (${SECONDS} s)"
   exit 0
 fi
 
@@ -98,19 +102,27 @@ if [ -f "$CONF" ] && cmp -s "$CONF" "$CONF.new"; then changed=0; fi
 mv "$CONF.new" "$CONF"
 
 if [ "$changed" = 1 ]; then
+  # a new configuration: restart both, after the old ones have exited (a dying slurmctld still
+  # holds its port and would make the new one fail)
   pkill -x slurmctld 2>/dev/null || true
   pkill -x slurmd 2>/dev/null || true
-  sleep 1
+  for _ in $(seq 1 30); do
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+    sleep 1
+  done
 fi
 pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
 pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
 
 for _ in $(seq 1 90); do
   state=$(node_state || true)
+  if node_up "$state"; then
+    log "node $HOST $state (${SECONDS} s)"
+    exit 0
+  fi
   case "$state" in
-    idle) log "node $HOST idle (${SECONDS} s)"; exit 0 ;;
-    down|drained|draining|drain|fail|"not_responding")
-      scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;
+    # left down or drained by an earlier run (a killed slurmd, a failed job's node)
+    down* | drain* | fail*) scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;
   esac
   sleep 1
 done

@@ -173,6 +173,17 @@ def test_cancel_cancels_the_studys_jobs(slurm, shared_dir):
         return not set(jobs) & set(queue.stdout.split())
 
     _wait(gone, 120, "the jobs to leave the queue")
+    # re-entry: the cancelled runs ended without a result, so they are named and submitted again
+    again = _normlab(*args, "wait=false")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 missing; submitting 2" in again.stdout
+    assert again.stdout.count("ended without a result") == 2
+    assert "_0_log.err" in again.stdout
+    new_jobs = [json.loads((r / "slurm_job.json").read_text())["job_id"] for r in _runs(shared_dir)]
+    assert not set(new_jobs) & set(jobs)
+    assert _normlab(*args, "cancel=true").returncode == 0
+    jobs = new_jobs
+    _wait(gone, 120, "the resubmitted jobs to leave the queue")  # before the folder is removed
 
 
 def test_bad_setups_are_one_line_errors(slurm, shared_dir, capsys):
@@ -211,7 +222,111 @@ def test_launcher_options_are_checked():
     assert launcher_options(None) == {"name": "local"}
     resolved = launcher_options({"name": "slurm", "partition": "gpu", "setup": "module load x"})
     assert resolved["setup"] == ["module load x"] and set(SLURM_DEFAULTS) < set(resolved)
-    with pytest.raises(ConfigError, match="launcher.timeout_min must be >= 1"):
-        launcher_options({"name": "slurm", "timeout_min": 0})
+    with pytest.raises(ConfigError, match="launcher.timeout_min must be >= 2"):
+        launcher_options({"name": "slurm", "timeout_min": 1})
+    with pytest.raises(ConfigError, match="launcher.max_timeouts must be >= 0"):
+        launcher_options({"name": "slurm", "max_timeouts": -1})
     with pytest.raises(ConfigError, match="takes no options"):
         launcher_options({"name": "local", "partition": "gpu"})
+
+
+def test_a_job_imports_the_submitters_normlab(slurm, shared_dir):
+    # a checkout run with a relative PYTHONPATH=src and a job that starts in /: the job must
+    # import this checkout's normlab (not fail, nor pick up another install of it)
+    env = {**os.environ, "PYTHONPATH": "src"}
+    probe = "python3 -c 'import normlab; print(\"normlab from\", normlab.__file__)'"
+    args = ["sweep", "data=digits", "epochs=1", "seed=0,1", f"out={shared_dir}", *SLURM]
+    args += ['launcher.slurm_extra={"chdir": "/"}', f"launcher.setup={probe}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "normlab", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [_summary(r)["status"] for r in _runs(shared_dir)] == ["finished"] * 2
+    logs = sorted((shared_dir / "seed" / "slurm").glob("*/*_log.out"))
+    assert len(logs) == 2
+    for log in logs:
+        assert f"normlab from {REPO / 'src' / 'normlab' / '__init__.py'}" in log.read_text()
+
+
+def test_the_queue_is_read_or_the_command_stops(slurm, tmp_path, monkeypatch):
+    from normlab.studies.launchers import slurm as launcher
+
+    # a job id Slurm does not know (it left the queue long ago): no jobs, not an error
+    assert launcher.queue_states(["999999999_0"]) == {}
+    # a controller that does not answer: an error, not "every run is missing" (which would
+    # submit every run a second time)
+    fake = tmp_path / "squeue"
+    fake.write_text(
+        "#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(UserError, match="Unable to contact slurm controller"):
+        launcher.queue_states(["1_0"])
+
+
+def test_a_stop_after_the_last_step_is_not_requeued(tmp_path, monkeypatch):
+    # the warning signal can land during the last step: the run ends complete (the loop still
+    # raises KeyboardInterrupt for its caller), and the job must return instead of requeueing
+    import signal
+
+    from normlab.studies import base
+    from normlab.studies.launchers.slurm import SlurmRun
+
+    cfg = {"out": str(tmp_path), "name": "r", "data": {"name": "digits"}, "epochs": 1}
+    requeued = []
+
+    def train_then_stop(config, threads=None):
+        run = tmp_path / "r"
+        run.mkdir(exist_ok=True)
+        (run / "summary.json").write_text(json.dumps({"status": "finished"}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "execute_one", train_then_stop)
+
+    def submitits_handler(*args):
+        requeued.append(args)
+
+    previous = signal.signal(signal.SIGUSR2, submitits_handler)
+    try:
+        assert SlurmRun(cfg)() == "finished"
+        assert requeued == []
+        assert signal.getsignal(signal.SIGUSR2) is submitits_handler  # put back
+        (tmp_path / "r" / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+        monkeypatch.setattr(
+            base, "execute_one", lambda c, threads=None: (_ for _ in ()).throw(KeyboardInterrupt)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            SlurmRun(cfg)()
+        assert len(requeued) == 1  # interrupted mid-run: submitit's handler requeues it
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_study_all_submits_every_study_before_waiting(monkeypatch, tmp_path):
+    from normlab.studies import base
+
+    calls = []
+
+    def fake_run_study(name, scale, jobs, out, data_root, progress, overrides, launcher):
+        calls.append((name, launcher.get("wait", True)))
+        return tmp_path / name / "report.md"
+
+    monkeypatch.setattr(base, "run_study", fake_run_study)
+    slurm = {"name": "slurm"}
+    assert (
+        base.run_all(out=tmp_path, names=["baseline", "enorm"], launcher=slurm)
+        == tmp_path / "report.md"
+    )
+    assert calls == [("baseline", False), ("enorm", False), ("baseline", True), ("enorm", True)]
+    calls.clear()
+    base.run_all(out=tmp_path, names=["baseline", "enorm"], launcher={**slurm, "wait": False})
+    assert calls == [("baseline", False), ("enorm", False)]  # nothing to wait for: one pass
+    calls.clear()
+    base.run_all(out=tmp_path, names=["baseline", "enorm"], launcher={"name": "local"})
+    assert calls == [("baseline", True), ("enorm", True)]

@@ -374,7 +374,15 @@ def run_all(
     out = Path(out)
     lines = ["# normlab studies\n", f"Scale: `{scale}`.\n", "| study | report |", "|---|---|"]
     complete = True
-    for name in names or study_names():
+    names = names or study_names()
+    if _waits_on_cluster(launcher):
+        # every study's jobs go in first (waiting study by study would queue the next study only
+        # once the previous one has ended); the loop below then waits and writes the reports
+        for name in names:
+            run_study(
+                name, scale, jobs, out, data_root, progress, overrides, launcher | {"wait": False}
+            )
+    for name in names:
         path = run_study(name, scale, jobs, out, data_root, progress, overrides, launcher)
         complete = complete and path is not None
         lines.append(f"| {get_study(name).title or name} | [{name}/report.md]({name}/report.md) |")
@@ -383,3 +391,14 @@ def run_all(
     index = out / "report.md"
     atomic_write_text(index, "\n".join(lines) + "\n")
     return index
+
+
+def _waits_on_cluster(launcher: dict | None) -> bool:
+    """A cluster launcher that submits and then waits (not a report, a cancel or ``wait=false``)."""
+    if not launcher or launcher.get("name", "local") == "local":
+        return False
+    return (
+        launcher.get("wait", True)
+        and not launcher.get("report_only")
+        and not launcher.get("cancel")
+    )

@@ -4,7 +4,8 @@
 The ``launcher.*`` options, each written once here with its default::
 
     launcher=slurm launcher.partition=gpu launcher.gpus_per_run=1 launcher.cpus_per_run=8 \\
-        launcher.mem_gb=32 launcher.timeout_min=240 launcher.array_parallelism=32 \\
+        launcher.mem_gb=32 launcher.timeout_min=240 launcher.max_timeouts=20 \\
+        launcher.array_parallelism=32 \\
         launcher.account=ACC launcher.qos=QOS launcher.constraint=a100 \\
         launcher.setup='["module load cuda"]' launcher.slurm_extra='{"exclusive": true}'
 
@@ -26,6 +27,7 @@ SLURM_DEFAULTS: dict[str, object] = {
     "cpus_per_run": 2,
     "mem_gb": 8.0,
     "timeout_min": 60,  # a run that needs longer is checkpointed, requeued and resumed
+    "max_timeouts": 20,  # time limits one run may hit (each one requeues it); preemptions are free
     "array_parallelism": 64,  # runs of the array running at once
     "account": None,
     "qos": None,
@@ -37,7 +39,9 @@ SLURM_BOUNDS = {
     "gpus_per_run": NON_NEGATIVE,
     "cpus_per_run": Bound(1),
     "mem_gb": POSITIVE,
-    "timeout_min": Bound(1),
+    # Slurm warns 90 s before the limit: a shorter limit would be warned at once, every time
+    "timeout_min": Bound(2),
+    "max_timeouts": NON_NEGATIVE,
     "array_parallelism": Bound(1),
 }
 SWITCHES = {"wait": True, "report_only": False, "cancel": False}

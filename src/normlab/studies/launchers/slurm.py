@@ -17,7 +17,8 @@ Time limits and preemption lose nothing. Slurm warns a job with SIGUSR2 before i
 (submitit asks for it 90 s ahead) and on preemption; the job turns it into the training loop's own
 stop request (a SIGINT, deferred to the end of the current step), so the run writes an exact
 checkpoint, and then submitit's checkpointing protocol requeues the job, which resumes the run
-from that checkpoint with the same numbers as an uninterrupted run. With ``gpus_per_run > 1`` the
+from that checkpoint with the same numbers as an uninterrupted run (a run may hit
+``launcher.max_timeouts`` time limits; preemptions do not count). With ``gpus_per_run > 1`` the
 job has one task per GPU and each task gets torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ...), so the loop's DDP path runs.
 """
@@ -42,6 +43,7 @@ from ...train.rundir import FINAL_STATUSES, RunDirectory
 JOB_FILE = "slurm_job.json"
 ATTEMPTS_FILE = "slurm_attempts.json"
 POLL_SECONDS = 5.0
+WAIT_RETRIES = 12  # squeue failures in a row (a minute) before waiting gives up
 QUEUED = ("PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD")
 RUNNING = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING")
 
@@ -77,10 +79,18 @@ class SlurmRun:
         try:
             return execute_one(cfg, threads=self.threads)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGUSR2, submitit_handler)  # from here a warning is submitit's
+            status = (run_dir.read_summary() or {}).get("status")
+            if status in FINAL_STATUSES:
+                # the signal came during the last step or the final evaluation: the run is
+                # complete and recorded, so there is nothing to requeue
+                return status
             if callable(submitit_handler):
                 # submitit: checkpoint() below, requeue this array task, exit
                 submitit_handler(signal.SIGUSR2, None)
             raise
+        finally:
+            signal.signal(signal.SIGUSR2, submitit_handler)
 
     def checkpoint(self, *args, **kwargs):
         """The requeued job resumes the run (its config has ``resume=true``) from the
@@ -131,10 +141,13 @@ def run_on_slurm(
     states = run_states(plan)
     to_submit = [name for name, state in states.items() if state == "missing"]
     print(f"{plan.study.name}: {_counts(states)}; submitting {len(to_submit)}", flush=True)
+    for line in _details(plan, states):
+        print(f"  {line}")
     if to_submit:
         configs = [plan.configs[name] for name in to_submit]
         check_runs(configs)
         submit(plan, configs, options)
+        print(f"  logs: {plan.folder / 'slurm'}/JOBID/ (sbatch script, stdout, stderr)", flush=True)
     if wait:
         _wait(plan, progress)
     states = run_states(plan)
@@ -186,7 +199,9 @@ def submit(plan, configs: list[dict], options: dict) -> list[str]:
     gpus = int(options["gpus_per_run"])
     tasks = max(1, gpus)
     cpus = int(options["cpus_per_run"])
-    executor = submitit.SlurmExecutor(folder=plan.folder / "slurm" / "%j")
+    executor = submitit.SlurmExecutor(
+        folder=plan.folder / "slurm" / "%j", max_num_timeout=int(options["max_timeouts"])
+    )
     parameters = {
         "job_name": f"normlab-{plan.study.name}",
         "time": int(options["timeout_min"]),
@@ -194,7 +209,7 @@ def submit(plan, configs: list[dict], options: dict) -> list[str]:
         "ntasks_per_node": tasks,
         "mem": f"{int(float(options['mem_gb']) * 1024)}M",
         "array_parallelism": int(options["array_parallelism"]),
-        "setup": list(options["setup"]),
+        "setup": [*_import_path_setup(), *options["setup"]],
         "additional_parameters": dict(options["slurm_extra"]),
     }
     if gpus:
@@ -222,6 +237,18 @@ def submit(plan, configs: list[dict], options: dict) -> list[str]:
         }
         atomic_write_json(run_dir.path / JOB_FILE, record)
     return [str(job.job_id) for job in jobs]
+
+
+def _import_path_setup() -> list[str]:
+    """The job runs this same Python and unpickles a callable from ``normlab``: when normlab is
+    imported from a checkout (``PYTHONPATH=src``, possibly relative) rather than installed, the
+    job gets that folder's absolute path, so it imports the same code wherever it starts."""
+    import normlab
+
+    root = Path(normlab.__file__).resolve().parents[1]
+    if root.name in ("site-packages", "dist-packages"):
+        return []  # installed: the interpreter finds it by itself
+    return [f'export PYTHONPATH="{root}${{PYTHONPATH:+:$PYTHONPATH}}"']
 
 
 def run_states(plan) -> dict[str, str]:
@@ -252,16 +279,22 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
         return {}
     arrays = sorted({j.split("_")[0] for j in job_ids})
     try:
-        out = subprocess.run(
+        done = subprocess.run(
             ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)],
             capture_output=True,
             text=True,
             timeout=60,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    states = {}
-    for line in out.splitlines():
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UserError(f"squeue did not answer ({exc}); try again when Slurm responds") from exc
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:
+        # without the queue every run would look missing and be submitted a second time
+        raise UserError(
+            f"squeue failed: {done.stderr.strip() or done.returncode}; try again when Slurm "
+            "responds (sinfo shows its state)"
+        )
+    states = {}  # 'Invalid job id': every job has left the queue
+    for line in done.stdout.splitlines():
         parts = line.split()
         if len(parts) == 2:
             states[parts[0]] = parts[1]
@@ -284,9 +317,19 @@ def _wait(plan, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan.specs), desc=f"{plan.study.name} (slurm)", unit="run")
+    failures = 0
     try:
         while True:
-            states = run_states(plan)
+            try:
+                states = run_states(plan)
+                failures = 0
+            except UserError:
+                # squeue did not answer: a busy controller answers again a little later
+                failures += 1
+                if failures >= WAIT_RETRIES:
+                    raise
+                time.sleep(POLL_SECONDS)
+                continue
             ended = sum(state not in ("pending", "running") for state in states.values())
             if bar is not None:
                 bar.n = ended
@@ -303,6 +346,23 @@ def _wait(plan, progress: bool) -> None:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _details(plan, states: dict[str, str]) -> list[str]:
+    """One line for each run that needs a look: failed ones (their error) and ones whose job
+    ended without a result (submitted again; the old job's log says why)."""
+    lines = []
+    for name, state in states.items():
+        run_dir = plan.run_dir(name)
+        if state == "failed":
+            error = (run_dir.read_summary() or {}).get("error", "see error.txt")
+            lines.append(f"failed: {name}: {error}")
+        elif state == "missing" and (run_dir.read_summary() or {}).get("status") == "interrupted":
+            lines.append(f"again: {name}: stopped at a checkpoint, resumes from it")
+        elif state == "missing" and (job := _read_job(run_dir)):
+            log = Path(job.get("log_folder", plan.folder / "slurm")) / f"{job['job_id']}_0_log.err"
+            lines.append(f"again: {name}: job {job['job_id']} ended without a result (see {log})")
+    return lines
 
 
 def _counts(states: dict[str, str]) -> str:
