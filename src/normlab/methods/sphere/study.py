@@ -61,7 +61,8 @@ QUICK_MODEL = {"name": "mlp_si", "width": 128, "depth": 3}
 # (lr, weight decay) of the conventional runs, momentum 0 as in the fixed-ELR runs
 QUICK_CONVENTIONAL: list[tuple[float, float]] = [(1.0, 1e-4), (1.0, 1e-2), (1.0, 1e-1)]
 
-MEDIUM_ELRS: list[float] = QUICK_ELRS
+# the quick grid plus quarter-decade points where MNIST's convergence meets divergence
+MEDIUM_ELRS: list[float] = sorted({*QUICK_ELRS, 0.0147, 0.0215})
 MEDIUM_EPOCHS = 60
 MEDIUM_TRAIN_LIMIT = 2000  # 16 steps an epoch at batch 128: 960 steps, as many as quick's
 MEDIUM_TEST_LIMIT = 2000
