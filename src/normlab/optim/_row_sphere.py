@@ -159,6 +159,27 @@ def write_back(b: Bucket) -> None:
             s.stage.copy_(s.P)
 
 
+def keep_compute_dtype_state(
+    opt: Optimizer, state_dict: dict, on_sphere: Callable[[dict], bool]
+) -> None:
+    """After ``Optimizer.load_state_dict``: put the saved floating state of the parameters of
+    sphere groups (``on_sphere(group)``) back in :func:`normlab.geometry.compute_dtype`.
+
+    torch casts floating state to its parameter's dtype, which for float16/bfloat16 parameters
+    rounds the float32 state (a resumed step then differs from the uninterrupted one). ``step``
+    counters keep torch's handling; Euclidean groups keep torch's rule.
+    """
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [(p, on_sphere(g)) for g in opt.param_groups for p in g["params"]]
+    for pid, (p, sphere) in zip(saved_ids, params):
+        cdt = geo.compute_dtype(p)
+        if not sphere or cdt == p.dtype or pid not in state_dict["state"]:
+            continue
+        for key, value in state_dict["state"][pid].items():
+            if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                opt.state[p][key] = value.to(device=p.device, dtype=cdt, copy=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # the optimizer base
 # ----------------------------------------------------------------------------------------------
@@ -286,15 +307,7 @@ class RowSphereOptimizer(Optimizer):
         (state in the parameter's dtype), as ``torch.optim.SGD``/``Adam`` need.
         """
         super().load_state_dict(state_dict)
-        params = [(p, g["grassmann"]) for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for pid, (p, manifold) in zip(saved_ids, params):
-            cdt = geo.compute_dtype(p)
-            if not manifold or cdt == p.dtype or pid not in state_dict["state"]:
-                continue
-            for key, value in state_dict["state"][pid].items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=cdt, copy=True)
+        keep_compute_dtype_state(self, state_dict, lambda group: group["grassmann"])
 
     def _state_buffer(self, p: Tensor, key: str, shape: tuple | None = None) -> Tensor:
         """``state[p][key]`` in compute dtype on p's device (zeros at first), rows conforming."""

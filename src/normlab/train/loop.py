@@ -572,6 +572,7 @@ def rate_columns(groups: list[dict]) -> dict[str, float]:
     """The step sizes of the optimizer's groups, each column named by its group and its kind:
     ``lr/euclidean``, ``lr/grassmann``, ``elr/si`` (a group that sets an effective learning rate
     reports it, not the ``lr`` it implies). A single plain group is the bare ``lr``."""
+
     def sets_elr(group: dict) -> bool:  # torch copies defaults into every group: ask the group
         return "elr" in group and group.get("scale_invariant", True) is not False
 
