@@ -33,6 +33,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LOW_PRECISION",
+    "compute_dtype",
+    "tiny",
     "as_rows",
     "row_norms",
     "safe_normalize_rows",
@@ -43,6 +46,7 @@ __all__ = [
     "clip_rows",
     "retract",
     "geodesic_distance",
+    "angle_from_chord",
     "sinc",
     "tensor_norm",
     "tensor_normalize",
@@ -53,6 +57,7 @@ __all__ = [
     "tensor_clip",
     "joint_norm",
     "joint_inner",
+    "joint_angle",
     "joint_project_tangent",
     "joint_rescale_",
     "joint_expmap",
@@ -64,13 +69,35 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-def _tiny(x: Tensor) -> float:
-    """Smallest positive normal number of ``x``'s dtype: the floor for norms.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype of sphere maths **and of optimizer state** for these tensors.
+
+    The one rule of the package: float16/bfloat16 tensors are computed in (and their optimizer
+    state kept in) float32; float32/float64 tensors in their own dtype (the widest of several).
+    A bfloat16 row norm carries 3 significant digits and a bfloat16 momentum buffer loses the
+    small contributions of each step, hence the upcast.
+    """
+    dtype = None
+    for t in tensors:
+        d = torch.float32 if t.dtype in LOW_PRECISION else t.dtype
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    return torch.float32 if dtype is None else dtype
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """Smallest positive normal number of a floating dtype: the floor for norms.
 
     A dtype-aware floor instead of adding 1e-8 to the norm (the original code): 1e-8 underflows to
     0 in float16 (NaN on zero rows) and biases float64 results by 1e-8.
     """
-    return torch.finfo(x.dtype).tiny if x.is_floating_point() else 0.0
+    return torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
+
+
+def _tiny(x: Tensor) -> float:
+    return tiny(x.dtype)
 
 
 def sinc(t: Tensor) -> Tensor:
@@ -188,13 +215,29 @@ def clip_rows(v: Tensor, max_norm: float | Tensor | None) -> Tensor:
     return v * scale
 
 
-def geodesic_distance(x: Tensor, y: Tensor) -> Tensor:
-    """Great-circle distance (angle) between unit rows ``x`` and ``y``.
+def angle_from_chord(chord: Tensor | float, sum_norm: Tensor | float | None = None):
+    """Angle between two unit vectors from their chord ``|x - y|`` (and ``|x + y|``).
 
-    Computed as ``2 atan2(|x - y|, |x + y|)``, accurate for nearly equal and nearly opposite rows
-    (``arccos`` loses half the digits near 0). Returns shape ``(..., 1)``.
+    The package's one formula for angles: ``2 atan2(|x - y|, |x + y|)``, accurate for nearly equal
+    and nearly opposite vectors (``arccos`` of the cosine loses half the digits near 0). Without
+    ``sum_norm`` the parallelogram law ``|x + y|^2 = 4 - |x - y|^2`` (exact for unit vectors) gives
+    it, which is accurate except near pi. Tensors in, tensors out; floats in, a float out.
     """
-    return 2.0 * torch.atan2(row_norms(x - y), row_norms(x + y))
+    if not isinstance(chord, Tensor):
+        c = float(chord)
+        s = math.sqrt(max(0.0, 4.0 - c * c)) if sum_norm is None else float(sum_norm)
+        return 2.0 * math.atan2(c, s)
+    if sum_norm is None:
+        sum_norm = (4.0 - chord.square()).clamp_min(0.0).sqrt()
+    return 2.0 * torch.atan2(chord, sum_norm)
+
+
+def geodesic_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Great-circle distance (angle) between unit rows ``x`` and ``y``: :func:`angle_from_chord`.
+
+    Returns shape ``(..., 1)``.
+    """
+    return angle_from_chord(row_norms(x - y), row_norms(x + y))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,24 +290,68 @@ def tensor_clip(v: Tensor, max_norm: float | Tensor | None) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def joint_norm(tensors: Sequence[Tensor]) -> Tensor:
+def _check_pairs(xs: list[Tensor], vs: list[Tensor]) -> None:
+    if len(xs) != len(vs) or not xs:
+        raise ValueError(f"Invalid lists: {len(xs)} points and {len(vs)} vectors")
+    for x, v in zip(xs, vs):
+        if x.shape != v.shape:
+            raise ValueError(f"Invalid lists: shape mismatch {tuple(x.shape)} vs {tuple(v.shape)}")
+
+
+def joint_norm(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
     """Norm of the concatenation of all tensors: ``sqrt(sum_k |t_k|^2)`` (0-d tensor).
 
-    One fused norm per tensor (``torch._foreach_norm``), no concatenation.
+    One fused norm per tensor (``torch._foreach_norm``), no concatenation. ``dtype`` is the
+    accumulation dtype (default: :func:`compute_dtype`, so float16/bfloat16 accumulate in
+    float32); the result is on the first tensor's device.
     """
     tensors = list(tensors)
     if not tensors:
         raise ValueError("Invalid tensors: empty list")
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    dtype = compute_dtype(*tensors) if dtype is None else dtype
+    same = all(t.dtype == dtype for t in tensors)
+    if same and len({t.device for t in tensors}) == 1:
+        norms = torch._foreach_norm(tensors)
+    else:
+        norms = [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+    device = tensors[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
-def joint_inner(xs: Sequence[Tensor], vs: Sequence[Tensor]) -> Tensor:
-    """Inner product of the concatenated vectors: ``sum_k <x_k, v_k>`` (0-d tensor)."""
+def joint_inner(
+    xs: Sequence[Tensor], vs: Sequence[Tensor], dtype: torch.dtype | None = None
+) -> Tensor:
+    """Inner product of the concatenated vectors: ``sum_k <x_k, v_k>`` (0-d tensor).
+
+    Accumulated in ``dtype`` (default: :func:`compute_dtype` of all tensors).
+    """
     xs, vs = list(xs), list(vs)
-    if len(xs) != len(vs) or not xs:
-        raise ValueError(f"Invalid lists: {len(xs)} points and {len(vs)} vectors")
-    parts = [torch.linalg.vecdot(x.reshape(-1), v.reshape(-1), dim=0) for x, v in zip(xs, vs)]
+    _check_pairs(xs, vs)
+    dtype = compute_dtype(*xs, *vs) if dtype is None else dtype
+    device = xs[0].device
+    parts = [
+        torch.linalg.vecdot(x.reshape(-1).to(dtype), v.reshape(-1).to(dtype), dim=0).to(device)
+        for x, v in zip(xs, vs)
+    ]
     return torch.stack(parts).sum()
+
+
+def joint_angle(xs: Sequence[Tensor], ys: Sequence[Tensor], dtype: torch.dtype | None = None):
+    """Angle (radians, in [0, pi]) between the joint points ``x`` and ``y`` of any radii.
+
+    ``x/|x|`` and ``y/|y|`` compared by :func:`angle_from_chord` (0-d tensor, in ``dtype``).
+    """
+    xs, ys = list(xs), list(ys)
+    _check_pairs(xs, ys)
+    dtype = compute_dtype(*xs, *ys) if dtype is None else dtype
+    nx, ny = joint_norm(xs, dtype), joint_norm(ys, dtype)
+    if not (bool(nx > 0) and bool(ny > 0)):
+        raise ValueError("Invalid points: the angle of a zero point is undefined")
+    a = [x.to(dtype) / nx for x in xs]
+    b = [y.to(dtype).to(nx.device) / ny for y in ys]
+    diff = joint_norm([u - v.to(u.device) for u, v in zip(a, b)], dtype)
+    total = joint_norm([u + v.to(u.device) for u, v in zip(a, b)], dtype)
+    return angle_from_chord(diff, total)
 
 
 def joint_project_tangent(xs: Sequence[Tensor], vs: Sequence[Tensor]) -> list[Tensor]:

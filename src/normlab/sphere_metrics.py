@@ -15,7 +15,8 @@ A parameter vector ``w`` (all scale-invariant tensors of a model read as one poi
 
 Everything here is a pure function of tensors (no optimizer, no model) except
 :class:`SphereMetricsTracker`, a small stateful accumulator that a training-loop callback can wrap.
-All reductions are done in float64 and returned as Python floats.
+All reductions are done in float64 and returned as Python floats; the joint norms, inner
+products and angles are those of :mod:`normlab.geometry` (the package's one home of sphere maths).
 
 References: Kodryan, Lobacheva, Nakhodnov, Vetrov, "Training Scale-Invariant Neural Networks on the
 Sphere Can Happen in Three Regimes", NeurIPS 2022 (arXiv 2209.03695); van Laarhoven 2017, "L2
@@ -28,6 +29,8 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from . import geometry
 
 Tensors = Iterable[torch.Tensor]
 
@@ -51,19 +54,15 @@ def _as_list(tensors: Tensors) -> list[torch.Tensor]:
     return [t.detach() for t in tensors]
 
 
-def _sum_squares(tensors: Sequence[torch.Tensor]) -> float:
-    return math.fsum(float(t.detach().double().pow(2).sum()) for t in tensors)
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    """Joint norm in float64 (:func:`normlab.geometry.joint_norm`); 0 for an empty list."""
+    return float(geometry.joint_norm(tensors, torch.float64)) if tensors else 0.0
 
 
 def _joint_dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
     if len(xs) != len(ys):
         raise ValueError(f"need as many tensors on both sides, got {len(xs)} and {len(ys)}")
-    total = []
-    for x, y in zip(xs, ys):
-        if x.shape != y.shape:
-            raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(y.shape)}")
-        total.append(float(torch.dot(x.detach().double().reshape(-1), y.double().reshape(-1))))
-    return math.fsum(total)
+    return float(geometry.joint_inner(xs, ys, torch.float64))
 
 
 def effective_learning_rate(lr: float, norm: float) -> float:
@@ -80,12 +79,12 @@ def effective_learning_rate(lr: float, norm: float) -> float:
 
 def scale_invariant_norm(params: Tensors) -> float:
     """The joint norm ``sqrt(sum_i |w_i|_F^2)`` of the SI tensors: the radius of their sphere."""
-    return math.sqrt(_sum_squares(_as_list(params)))
+    return _norm(_as_list(params))
 
 
 def tensor_norms(params: Tensors) -> list[float]:
     """The Frobenius norm of every tensor (the per-tensor radii)."""
-    return [math.sqrt(_sum_squares([p])) for p in _as_list(params)]
+    return [_norm([p]) for p in _as_list(params)]
 
 
 def effective_gradient_norm(grads: Tensors, params: Tensors) -> float:
@@ -94,7 +93,7 @@ def effective_gradient_norm(grads: Tensors, params: Tensors) -> float:
     ``None`` gradients count as zero (they contribute nothing to ``|g|``).
     """
     g = [t for t in _as_list_allow_none(grads) if t is not None]
-    return math.sqrt(_sum_squares(g)) * scale_invariant_norm(params)
+    return _norm(g) * scale_invariant_norm(params)
 
 
 def _as_list_allow_none(tensors) -> list[torch.Tensor | None]:
@@ -113,7 +112,7 @@ def radial_cosine(grads: Tensors, params: Tensors) -> float:
     if len(gs) != len(ws):
         raise ValueError(f"need one gradient per parameter, got {len(gs)} and {len(ws)}")
     pairs = [(g, w) for g, w in zip(gs, ws) if g is not None]
-    g_norm = math.sqrt(_sum_squares([g for g, _ in pairs]))
+    g_norm = _norm([g for g, _ in pairs])
     w_norm = scale_invariant_norm(ws)
     if g_norm == 0.0 or w_norm == 0.0:
         return 0.0
@@ -123,20 +122,15 @@ def radial_cosine(grads: Tensors, params: Tensors) -> float:
 def step_angle(w_before: Tensors, w_after: Tensors) -> float:
     """The angle (radians, in [0, pi]) between two joint points, e.g. consecutive iterates.
 
-    Computed as ``2 asin(|a/|a| - b/|b|| / 2)``, which unlike ``acos`` of the cosine stays accurate
-    for the tiny angles of small-ELR steps.
+    Computed in float64 by :func:`normlab.geometry.joint_angle` (``2 atan2(|a - b|, |a + b|)`` of
+    the unit points), which unlike ``acos`` of the cosine stays accurate for the tiny angles of
+    small-ELR steps.
     """
     a = _as_list(w_before)
     b = _as_list(w_after)
     if len(a) != len(b):
         raise ValueError(f"need as many tensors on both sides, got {len(a)} and {len(b)}")
-    na, nb = scale_invariant_norm(a), scale_invariant_norm(b)
-    if na == 0.0 or nb == 0.0:
-        raise ValueError("the angle of a zero point is undefined")
-    chord_sq = math.fsum(
-        float((x.double() / na - y.double() / nb).pow(2).sum()) for x, y in zip(a, b)
-    )
-    return 2.0 * math.asin(min(1.0, math.sqrt(chord_sq) / 2.0))
+    return float(geometry.joint_angle(a, b, torch.float64))
 
 
 def predicted_step_angle(elr: float, effective_grad_norm: float) -> float:
@@ -154,16 +148,12 @@ def distance_to_init(params: Tensors, init_params: Tensors) -> float:
     a, b = _as_list(params), _as_list(init_params)
     if len(a) != len(b):
         raise ValueError(f"need as many tensors on both sides, got {len(a)} and {len(b)}")
-    return math.sqrt(math.fsum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b)))
+    return _norm([x.double() - y.double() for x, y in zip(a, b)])
 
 
 def _fast_joint_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """Joint norm with one multi-tensor reduction, in the tensors' own dtype (tracker fast path)."""
-    if not tensors:
-        return 0.0
-    norms = torch._foreach_norm(list(tensors))
-    device = norms[0].device
-    return float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]).double()))
+    """Joint norm with one multi-tensor reduction in compute dtype (tracker fast path)."""
+    return float(geometry.joint_norm(tensors)) if tensors else 0.0
 
 
 class SphereMetricsTracker:
@@ -260,7 +250,7 @@ class SphereMetricsTracker:
         # computed in the copy of w_t (overwritten at the next before_step): one pass, one norm
         torch._foreach_add_(self._before, ps, alpha=-na / nb)
         chord = _fast_joint_norm(self._before) / na
-        self._angles.append(2.0 * math.asin(min(1.0, chord / 2.0)))
+        self._angles.append(geometry.angle_from_chord(min(2.0, chord)))
         if elr is None:
             elr = effective_learning_rate(lr, na)
         self._elrs.append(float(elr))

@@ -6,7 +6,10 @@
 * a scratch pool that hands out the same buffers every step (no page faults from fresh large
   allocations on CPU);
 * the orthogonality-regularizer gradient with two matrix products;
-* hyper-parameter validation and the Euclidean SGD / Adam updates used for non-manifold groups.
+* hyper-parameter validation.
+
+The compute-dtype rule and the norm floor live in :mod:`normlab.geometry`; the optimizer base and
+the Euclidean groups in :mod:`normlab.optim._row_sphere`.
 """
 
 from __future__ import annotations
@@ -17,17 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """Dtype of the manifold maths and state: float32 for float16/bfloat16 params, else p's."""
-    return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
-
-
-def tiny(dtype: torch.dtype) -> float:
-    """Smallest positive normal number: the floor for norms (never ``+ 1e-8``)."""
-    return torch.finfo(dtype).tiny
+from .. import geometry as geo
 
 
 def as_float(x) -> float:
@@ -78,9 +71,9 @@ def validate_common(group: dict) -> None:
 def normalize_rows_(p: Tensor) -> None:
     """Scale every row of ``p`` (viewed as ``(out, n)``) to unit norm in place; zero rows stay 0."""
     with torch.no_grad():
-        rows = p.reshape(p.shape[0] if p.dim() > 1 else 1, -1).to(compute_dtype(p))
+        rows = p.reshape(p.shape[0] if p.dim() > 1 else 1, -1).to(geo.compute_dtype(p))
         norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-        p.copy_((rows / norms.clamp_min(tiny(rows.dtype))).reshape(p.shape))
+        p.copy_((rows / norms.clamp_min(geo.tiny(rows.dtype))).reshape(p.shape))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +140,7 @@ class RowSlot:
 
 def prepare_rows(p: Tensor, grad: Tensor, bufs: list[Tensor], offset: int) -> RowSlot:
     """Row views of a parameter, its gradient and its (already conforming) state buffers."""
-    cdt = compute_dtype(p)
+    cdt = geo.compute_dtype(p)
     perm = row_perm(p)
     stage = None
     if perm is not None and p.dtype == cdt:
@@ -239,7 +232,7 @@ def add_ortho_gradient(
     if low:
         A = A.to(P.dtype)
     r = row_norms.reshape(-1)
-    rinv = torch.where(r > 0, r.clamp_min(tiny(P.dtype)).reciprocal(), 0.0)
+    rinv = torch.where(r > 0, r.clamp_min(geo.tiny(P.dtype)).reciprocal(), 0.0)
     A.mul_(rinv.unsqueeze(1)).mul_((rinv * rinv).unsqueeze(0))
     A.diagonal().zero_()
     if low:
@@ -256,42 +249,3 @@ def reference_ortho_gradient(Y: Tensor, omega: float, ortho_dtype: torch.dtype |
 def check_ortho_dtype(value) -> None:
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
         raise ValueError(f"Invalid ortho_dtype: {value!r} (None or a floating torch.dtype)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Euclidean groups (torch.optim semantics; never write into p.grad)
-# ----------------------------------------------------------------------------------------------
-
-
-def euclidean_sgd_(p: Tensor, grad: Tensor, state: dict, *, lr, momentum, nesterov, weight_decay):
-    """``torch.optim.SGD`` for one tensor (no dampening): L2 decay added to a *copy* of the grad."""
-    d_p = grad.add(p, alpha=weight_decay) if weight_decay != 0 else grad
-    if momentum != 0:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = torch.clone(d_p).detach()
-            state["momentum_buffer"] = buf
-        else:
-            buf.mul_(momentum).add_(d_p)
-        d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-    p.add_(d_p, alpha=-lr)
-
-
-def euclidean_adam_(p: Tensor, grad: Tensor, state: dict, *, lr, betas, eps, weight_decay):
-    """``torch.optim.Adam`` (L2 decay, not decoupled) for one tensor."""
-    beta1, beta2 = betas
-    if len(state) == 0 or "exp_avg" not in state:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["step"] += 1
-    step = state["step"].item()
-    if weight_decay != 0:
-        grad = grad.add(p, alpha=weight_decay)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias1 = 1 - beta1**step
-    bias2_sqrt = math.sqrt(1 - beta2**step)
-    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / bias1)

@@ -7,22 +7,21 @@ the authors' code (see /work/shared/notes/riemannian_bn.md, section 1.4).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, required
+from torch.optim.optimizer import required
 
 from .. import geometry as geo
+from . import _row_sphere as rs
 from . import _rows
-from .sgdg import _bucket_by_device_and_dtype, _keep_fp32_state, _params_with_grad
 
 __all__ = ["AdamG", "adamg"]
 
 _EUCLIDEAN_METHODS = ("sgd", "adam")
 
 
-class AdamG(Optimizer):
+class AdamG(rs.RowSphereOptimizer):
     r"""Adam-G for BN-fed weights (``grassmann=True`` groups), SGD or Adam for the rest.
 
     Per row ``i`` of a manifold tensor (rows as in :class:`normlab.optim.SGDG`), step ``t``:
@@ -44,8 +43,15 @@ class AdamG(Optimizer):
     beta1, as in the original, which read beta1 from ``momentum``).
 
     Groups with ``grassmann=False`` use ``euclidean="sgd"`` (default, the paper's code:
-    ``torch.optim.SGD`` with momentum, Nesterov and L2 decay) or ``euclidean="adam"``
-    (``torch.optim.Adam`` with L2 decay, same betas/eps).
+    ``torch.optim.SGD`` with momentum, dampening, Nesterov and L2 decay) or ``euclidean="adam"``
+    (``torch.optim.Adam`` with L2 decay, same betas/eps), both run by torch's own functional
+    ``torch.optim.sgd.sgd`` / ``torch.optim.adam.adam``; their state follows torch (the
+    parameter's dtype), the manifold state follows :func:`normlab.geometry.compute_dtype`.
+
+    Rates and keys as :class:`SGDG`: ``lr`` Euclidean, ``lr_manifold`` (alias ``lrg``) for
+    manifold groups, both stored in the group's ``"lr"``. The authors' group keys ``beta2`` and
+    ``epsilon`` are accepted as aliases of ``betas[1]`` and ``eps`` (a ValueError if they
+    disagree with ``betas``/``eps`` given in the same group).
 
     The fixes listed for :class:`SGDG` apply here too (rows normalized at construction, honoured
     constructor ``omega``, no writes to ``p.grad``, state in the right dtype/device, float32 maths
@@ -65,8 +71,15 @@ class AdamG(Optimizer):
         grad_clip: per-row threshold on the tangent gradient norm; None disables clipping.
         ortho_dtype: dtype of the orthogonality term's matrix products (see :class:`SGDG`).
         euclidean: "sgd" or "adam", the method of ``grassmann=False`` groups.
+        lr_manifold: learning rate of manifold groups without their own (the paper's ``lrg``).
+        beta2, epsilon: the authors' names of ``betas[1]`` and ``eps`` (override them if given).
+        dampening: dampening of Euclidean SGD momentum (torch semantics).
         foreach: None/True fast path, False single-tensor reference.
     """
+
+    _name = "AdamG"
+    _setstate_defaults = {**rs.RowSphereOptimizer._setstate_defaults, "euclidean": "sgd"}
+    _aliases = {"beta2": ("betas", 1), "epsilon": ("eps", None)}
 
     def __init__(
         self,
@@ -82,14 +95,23 @@ class AdamG(Optimizer):
         grad_clip: float | None = None,
         euclidean: str = "sgd",
         *,
+        lr_manifold: float | None = None,
+        beta2: float | None = None,
+        epsilon: float | None = None,
+        dampening: float = 0.0,
         ortho_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
     ):
+        if beta2 is not None:  # the authors' name of betas[1]
+            betas = (betas[0], beta2)
+        if epsilon is not None:  # the authors' name of eps
+            eps = epsilon
         defaults = dict(
             lr=lr,
             betas=betas,
             eps=eps,
             momentum=momentum,
+            dampening=dampening,
             nesterov=nesterov,
             weight_decay=weight_decay,
             grassmann=grassmann,
@@ -99,113 +121,49 @@ class AdamG(Optimizer):
             ortho_dtype=ortho_dtype,
             foreach=foreach,
         )
-        self._scratch = _rows.ScratchPool()
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, lr_manifold=lr_manifold)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._scratch = _rows.ScratchPool()
-        for group in self.param_groups:
-            for key, value in (
-                ("nesterov", False),
-                ("omega", 0.0),
-                ("grad_clip", None),
-                ("grassmann", False),
-                ("euclidean", "sgd"),
-                ("ortho_dtype", None),
-                ("foreach", None),
-            ):
-                group.setdefault(key, value)
+    def _validate(self, group: dict) -> None:
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas}")
+        _rows.check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
+        _rows.check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
+        _rows.check_range("epsilon value", group["eps"], 0.0)
+        if group["euclidean"] not in _EUCLIDEAN_METHODS:
+            raise ValueError(
+                f"Invalid euclidean method: {group['euclidean']!r} "
+                f"(valid: {', '.join(_EUCLIDEAN_METHODS)})"
+            )
+        if group["euclidean"] == "adam" and _rows.as_float(group["dampening"]) != 0:
+            raise ValueError(
+                "Invalid dampening: it applies to euclidean='sgd' groups only (Adam has none)"
+            )
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a group; validates its hyper-parameters and unit-normalizes manifold rows."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _rows.validate_common(group)
-            betas = group["betas"]
-            if len(betas) != 2:
-                raise ValueError(f"Invalid betas: {betas}")
-            _rows.check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
-            _rows.check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
-            _rows.check_range("epsilon value", group["eps"], 0.0)
-            if group["euclidean"] not in _EUCLIDEAN_METHODS:
-                raise ValueError(f"Invalid euclidean method: {group['euclidean']!r}")
-        except ValueError:
-            self.param_groups.pop()
-            raise
-        if group["grassmann"]:
-            for p in group["params"]:
-                _rows.normalize_rows_(p)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch, but float16/bfloat16 parameters keep their float32 manifold state."""
-        super().load_state_dict(state_dict)
-        _keep_fp32_state(self, state_dict)
-
-    def _manifold_state(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        state = self.state[p]
-        cdt = _rows.compute_dtype(p)
-        if "exp_avg" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros((_rows.num_rows(p), 1), dtype=cdt, device=p.device)
-        for key in ("exp_avg", "exp_avg_sq"):
-            buf = state[key]
-            if buf.dtype != cdt or buf.device != p.device:
-                state[key] = buf.to(device=p.device, dtype=cdt)
-        state["exp_avg"] = _rows.conform_layout(state["exp_avg"], _rows.state_perm(p))
-        return state["step"], state["exp_avg"], state["exp_avg_sq"]
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """Perform one optimization step; returns the closure's loss (if a closure is given)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._scratch.reset()
-        for group in self.param_groups:
-            params, grads = _params_with_grad(group, "AdamG")
-            if not params:
-                continue
-            lr = _rows.as_float(group["lr"])
-            betas = (_rows.as_float(group["betas"][0]), _rows.as_float(group["betas"][1]))
-            wd = _rows.as_float(group["weight_decay"])
-            if group["grassmann"]:
-                steps, exp_avgs, exp_avg_sqs = zip(*(self._manifold_state(p) for p in params))
-                adamg(
-                    params,
-                    grads,
-                    list(exp_avgs),
-                    list(exp_avg_sqs),
-                    list(steps),
-                    lr=lr,
-                    betas=betas,
-                    eps=_rows.as_float(group["eps"]),
-                    omega=_rows.as_float(group["omega"]),
-                    grad_clip=group["grad_clip"],
-                    ortho_dtype=group["ortho_dtype"],
-                    foreach=group["foreach"],
-                    scratch=self._scratch,
-                )
-            elif group["euclidean"] == "sgd":
-                for p, g in zip(params, grads):
-                    _rows.euclidean_sgd_(
-                        p,
-                        g,
-                        self.state[p],
-                        lr=lr,
-                        momentum=_rows.as_float(group["momentum"]),
-                        nesterov=group["nesterov"],
-                        weight_decay=wd,
-                    )
-            else:
-                for p, g in zip(params, grads):
-                    _rows.euclidean_adam_(
-                        p, g, self.state[p], lr=lr, betas=betas, eps=group["eps"], weight_decay=wd
-                    )
-        return loss
+    def _manifold_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        steps, exp_avgs, exp_avg_sqs = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            steps.append(state["step"])
+            exp_avgs.append(self._state_buffer(p, "exp_avg"))
+            exp_avg_sqs.append(self._state_buffer(p, "exp_avg_sq", (_rows.num_rows(p), 1)))
+        adamg(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=_rows.as_float(group["lr"]),
+            betas=(_rows.as_float(group["betas"][0]), _rows.as_float(group["betas"][1])),
+            eps=_rows.as_float(group["eps"]),
+            omega=_rows.as_float(group["omega"]),
+            grad_clip=group["grad_clip"],
+            ortho_dtype=group["ortho_dtype"],
+            foreach=group["foreach"],
+            scratch=self._scratch,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,15 +236,10 @@ def _single_tensor_adamg(
     for p, grad, exp_avg, exp_avg_sq, step in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps
     ):
-        cdt = _rows.compute_dtype(p)
-        rows = _rows.num_rows(p)
-        P = p.reshape(rows, -1).to(cdt)
-        G = grad.reshape(rows, -1).to(cdt)
-        Y = geo.safe_normalize_rows(P)
-        if omega != 0 and _rows.ortho_applies(rows, P.shape[1]):
-            G = G + _rows.reference_ortho_gradient(Y, omega, ortho_dtype)
-        h = geo.clip_rows(geo.project_tangent(Y, G), grad_clip)
-        h = h * (geo.row_norms(P) > 0)  # a zero row has no direction: it stays zero
+        Y, h = rs.reference_tangent(
+            p, grad, omega=omega, grad_clip=grad_clip, ortho_dtype=ortho_dtype
+        )
+        rows = Y.shape[0]
         m = beta1 * exp_avg.reshape(rows, -1) + (1.0 - beta1) * h
         v = beta2 * exp_avg_sq + (1.0 - beta2) * geo.row_norms(h).square()
         alpha = _bias_correction(step, beta1, beta2)
@@ -321,57 +274,34 @@ def _multi_tensor_adamg(
     ``p_new = (cos theta / r) p - k sinc(theta) m`` and ``m_new = cos theta m + |m| sin theta p/r``.
     """
     beta1, beta2 = betas
-    for (device, cdt), idx in _bucket_by_device_and_dtype(params).items():
-        slots, offset, max_numel, alphas = [], 0, 0, []
-        for i in idx:
-            slot = _rows.prepare_rows(params[i], grads[i], [exp_avgs[i]], offset)
-            slots.append(slot)
-            offset += slot.rows
-            max_numel = max(max_numel, slot.P.numel())
-            alphas.append(_bias_correction(state_steps[i], beta1, beta2))
-        total = offset
-        scal = scratch.take((5, total, 1), cdt, device)
-        norm_p, dot_pg, norm_g, norm_m, v_all = scal[0], scal[1], scal[2], scal[3], scal[4]
-        work_flat = scratch.take((max_numel,), cdt, device)
-
-        # phase 1: orthogonality term and three row reductions per tensor
-        for s in slots:
-            P, sl = s.P, slice(s.offset, s.offset + s.rows)
-            torch.linalg.vector_norm(P, dim=1, keepdim=True, out=norm_p[sl])
-            if omega != 0 and _rows.ortho_applies(s.rows, P.shape[1]):
-                out = scratch.take(tuple(P.shape), cdt, device)
-                s.G = _rows.add_ortho_gradient(P, s.G, omega, out, norm_p[sl], ortho_dtype)
-            work = work_flat[: P.numel()].view(P.shape)
-            torch.mul(P, s.G, out=work)
-            torch.sum(work, dim=1, keepdim=True, out=dot_pg[sl])
-            torch.linalg.vector_norm(s.G, dim=1, keepdim=True, out=norm_g[sl])
-
-        # phase 2: clipped tangent gradient h = c_g g + c_p p and |h|^2, for all rows at once
-        tiny = _rows.tiny(cdt)
-        valid = norm_p > 0
-        rinv = torch.where(valid, norm_p.clamp_min(tiny).reciprocal(), 0.0)
-        yg = dot_pg * rinv
-        hh = (norm_g.square() - yg.square()).clamp_min_(0.0)
-        c = valid.to(cdt)
-        if grad_clip is not None:
-            c = c * (grad_clip / hh.sqrt().clamp_min(grad_clip))
-        hh_clipped = c.square() * hh
+    for b in rs.buckets(params, grads, exp_avgs, scratch):
+        alphas = [_bias_correction(state_steps[i], beta1, beta2) for i in b.idx]
+        t = rs.fast_tangent(
+            b, scratch, omega=omega, grad_clip=grad_clip, ortho_dtype=ortho_dtype, need_hh=True
+        )
+        scal = scratch.take((2, b.total, 1), b.cdt, b.device)
+        norm_m, v_all = scal[0], scal[1]
+        rinv, c = t.rinv, t.c
+        hh_clipped = c.square() * t.hh
         b_g = (1.0 - beta1) * c
-        b_p = -b_g * yg * rinv
+        b_p = -b_g * t.yg * rinv
 
         # phase 3: moments, in place; row norm of the new first moment
-        for k, s in enumerate(slots):
+        for k, s in enumerate(b.slots):
             P, G, m, sl = s.P, s.G, s.bufs[0], slice(s.offset, s.offset + s.rows)
-            v = exp_avg_sqs[idx[k]]
+            v = exp_avg_sqs[b.idx[k]]
             v.mul_(beta2).add_(hh_clipped[sl], alpha=1.0 - beta2)
             v_all[sl].copy_(v)
             m.mul_(beta1).addcmul_(G, b_g[sl]).addcmul_(P, b_p[sl])
             torch.linalg.vector_norm(m, dim=1, keepdim=True, out=norm_m[sl])
 
         # phase 4: step length per row, exponential map and transport as coefficients
-        rows_per_tensor = torch.tensor([s.rows for s in slots], device=device)
-        alpha = torch.tensor(alphas, dtype=cdt, device=device).repeat_interleave(rows_per_tensor)
-        k_step = (lr * alpha.unsqueeze(1)) * (v_all + eps).sqrt().clamp_min(tiny).reciprocal()
+        rows_per_tensor = torch.tensor([s.rows for s in b.slots], device=b.device)
+        alpha = torch.tensor(alphas, dtype=b.cdt, device=b.device)
+        alpha = alpha.repeat_interleave(rows_per_tensor)
+        k_step = (lr * alpha.unsqueeze(1)) * (v_all + eps).sqrt().clamp_min(
+            geo.tiny(b.cdt)
+        ).reciprocal()
         theta = k_step * norm_m
         cos = torch.cos(theta)
         p_self = cos * rinv - 1.0  # p_new = p + p_self * p + p_m * m
@@ -379,11 +309,10 @@ def _multi_tensor_adamg(
         t_p = norm_m * torch.sin(theta) * rinv  # m_new = t_p * p + cos * m
 
         # phase 5: two passes per output, one shared scratch
-        for s in slots:
+        for s in b.slots:
             P, m, sl = s.P, s.bufs[0], slice(s.offset, s.offset + s.rows)
-            work = work_flat[: P.numel()].view(P.shape)
+            work = b.work(s)
             torch.mul(P, t_p[sl], out=work).addcmul_(m, cos[sl])
             P.addcmul_(P, p_self[sl]).addcmul_(m, p_m[sl])
             m.copy_(work)
-            if s.stage is not None:
-                s.stage.copy_(s.P)
+        rs.write_back(b)

@@ -6,19 +6,20 @@ Algorithm 1; the authors' PyTorch and TensorFlow code (see /work/shared/notes/ri
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, required
+from torch.optim.optimizer import required
 
 from .. import geometry as geo
+from . import _row_sphere as rs
 from . import _rows
 
 __all__ = ["SGDG", "sgdg"]
 
 
-class SGDG(Optimizer):
+class SGDG(rs.RowSphereOptimizer):
+    _name = "SGDG"
+
     r"""SGD-G: Riemannian SGD with momentum for weights that feed a batch normalization.
 
     Parameter groups with ``grassmann=True`` hold weights whose rows (``(out, in, kh, kw)`` viewed
@@ -41,8 +42,16 @@ class SGDG(Optimizer):
     and never resets or rescales the state. Nesterov for manifold groups is an extension (the
     paper has none); it defaults to False.
 
-    Groups with ``grassmann=False`` get ``torch.optim.SGD`` (momentum, Nesterov, L2 weight decay,
-    no dampening), as the paper's code.
+    Groups with ``grassmann=False`` get ``torch.optim.SGD`` (momentum, ``dampening``, Nesterov, L2
+    weight decay; run by torch's functional ``torch.optim.sgd.sgd``), as the paper's code.
+
+    Rates: ``lr`` is the Euclidean learning rate; ``lr_manifold`` (group key ``lr_manifold`` or
+    the paper's ``lrg``) the manifold one, the default of every ``grassmann=True`` group that sets
+    no rate of its own. Inside a group both are stored in ``"lr"`` (what LR schedulers scale), so
+    the authors' dicts (``{"params": ..., "lr": lrg, "grassmann": True}``) work unchanged.
+    Group keys of the authors' code are honoured (``dampening`` in Euclidean groups) or refused
+    with a ValueError (``dampening`` in a manifold group); an unknown key is a ValueError that
+    lists the valid ones.
 
     Behaviour that differs from the authors' code, on purpose:
 
@@ -63,7 +72,8 @@ class SGDG(Optimizer):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (required unless every group sets it).
+        lr: Euclidean learning rate (required unless every group sets it; also the manifold
+            rate when ``lr_manifold`` is not given).
         momentum: momentum factor gamma in [0, 1).
         nesterov: Nesterov momentum (Euclidean groups: torch semantics; manifold groups: above).
         weight_decay: L2 penalty for Euclidean groups (ignored on the sphere, see above).
@@ -71,6 +81,8 @@ class SGDG(Optimizer):
         omega: orthogonality regularization factor (the loss gains (omega/2)||Y Y^T - I||^2 per
             manifold tensor; the term is added inside the optimizer, not to the reported loss).
         grad_clip: per-row threshold nu on the tangent gradient norm; None disables clipping.
+        lr_manifold: learning rate of manifold groups without their own (the paper's ``lrg``).
+        dampening: dampening of the Euclidean momentum (torch semantics; 0 in manifold groups).
         ortho_dtype: None (default: exact, in the parameter's compute dtype) or a dtype such as
             ``torch.bfloat16`` for the two matrix products of the orthogonality term. Opt-in speed
             for CPUs/GPUs with bf16 matrix units (those products are 4 out^2 n flops per tensor and
@@ -81,10 +93,9 @@ class SGDG(Optimizer):
 
     Example::
 
-        opt = SGDG([{"params": bn_fed, "lr": 0.2, "momentum": 0.9, "grassmann": True,
-                     "omega": 0.1, "grad_clip": 0.1},
-                    {"params": others, "lr": 0.01, "momentum": 0.9, "grassmann": False,
-                     "weight_decay": 5e-4, "nesterov": True}])
+        opt = SGDG([{"params": bn_fed, "grassmann": True, "omega": 0.1, "grad_clip": 0.1},
+                    {"params": others, "weight_decay": 5e-4, "nesterov": True}],
+                   lr=0.01, lr_manifold=0.2, momentum=0.9)
     """
 
     def __init__(
@@ -98,12 +109,15 @@ class SGDG(Optimizer):
         omega: float = 0.0,
         grad_clip: float | None = None,
         *,
+        lr_manifold: float | None = None,
+        dampening: float = 0.0,
         ortho_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
     ):
         defaults = dict(
             lr=lr,
             momentum=momentum,
+            dampening=dampening,
             nesterov=nesterov,
             weight_decay=weight_decay,
             grassmann=grassmann,
@@ -112,112 +126,22 @@ class SGDG(Optimizer):
             ortho_dtype=ortho_dtype,
             foreach=foreach,
         )
-        self._scratch = _rows.ScratchPool()
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, lr_manifold=lr_manifold)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._scratch = _rows.ScratchPool()
-        for group in self.param_groups:
-            for key, value in (("nesterov", False), ("omega", 0.0), ("grad_clip", None)):
-                group.setdefault(key, value)
-            group.setdefault("grassmann", False)
-            group.setdefault("ortho_dtype", None)
-            group.setdefault("foreach", None)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a group; validates its hyper-parameters and unit-normalizes manifold rows."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _rows.validate_common(group)
-        except ValueError:
-            self.param_groups.pop()
-            raise
-        if group["grassmann"]:
-            for p in group["params"]:
-                _rows.normalize_rows_(p)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch, but float16/bfloat16 parameters keep their float32 manifold state."""
-        super().load_state_dict(state_dict)
-        _keep_fp32_state(self, state_dict)
-
-    def _momentum_buffer(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        cdt = _rows.compute_dtype(p)
-        if buf is None:
-            buf = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
-        elif buf.dtype != cdt or buf.device != p.device:
-            buf = buf.to(device=p.device, dtype=cdt)
-        buf = _rows.conform_layout(buf, _rows.state_perm(p))
-        state["momentum_buffer"] = buf
-        return buf
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """Perform one optimization step; returns the closure's loss (if a closure is given)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._scratch.reset()
-        for group in self.param_groups:
-            params, grads = _params_with_grad(group, "SGDG")
-            if not params:
-                continue
-            lr, momentum = _rows.as_float(group["lr"]), _rows.as_float(group["momentum"])
-            if group["grassmann"]:
-                sgdg(
-                    params,
-                    grads,
-                    [self._momentum_buffer(p) for p in params],
-                    lr=lr,
-                    momentum=momentum,
-                    nesterov=group["nesterov"],
-                    omega=_rows.as_float(group["omega"]),
-                    grad_clip=group["grad_clip"],
-                    ortho_dtype=group["ortho_dtype"],
-                    foreach=group["foreach"],
-                    scratch=self._scratch,
-                )
-            else:
-                for p, g in zip(params, grads):
-                    _rows.euclidean_sgd_(
-                        p,
-                        g,
-                        self.state[p],
-                        lr=lr,
-                        momentum=momentum,
-                        nesterov=group["nesterov"],
-                        weight_decay=_rows.as_float(group["weight_decay"]),
-                    )
-        return loss
-
-
-def _params_with_grad(group: dict, name: str) -> tuple[list[Tensor], list[Tensor]]:
-    params, grads = [], []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{name} does not support sparse gradients")
-        params.append(p)
-        grads.append(p.grad)
-    return params, grads
-
-
-def _keep_fp32_state(opt: Optimizer, state_dict: dict) -> None:
-    """Undo torch's cast of float state to a float16/bfloat16 param's dtype (it loses precision)."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    for pid, p in zip(saved_ids, params):
-        if p.dtype not in _rows.LOW_PRECISION or pid not in state_dict["state"]:
-            continue
-        for key, value in state_dict["state"][pid].items():
-            if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                opt.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+    def _manifold_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        sgdg(
+            params,
+            grads,
+            [self._state_buffer(p, "momentum_buffer") for p in params],
+            lr=_rows.as_float(group["lr"]),
+            momentum=_rows.as_float(group["momentum"]),
+            nesterov=group["nesterov"],
+            omega=_rows.as_float(group["omega"]),
+            grad_clip=group["grad_clip"],
+            ortho_dtype=group["ortho_dtype"],
+            foreach=group["foreach"],
+            scratch=self._scratch,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,29 +189,16 @@ def _single_tensor_sgdg(
 ):
     """Reference: Algorithm 1 written with :mod:`normlab.geometry`, one tensor at a time."""
     for p, grad, buf in zip(params, grads, momentum_buffers):
-        cdt = _rows.compute_dtype(p)
-        rows = _rows.num_rows(p)
-        P = p.reshape(rows, -1).to(cdt)
-        G = grad.reshape(rows, -1).to(cdt)
-        tau = buf.reshape(rows, -1)
-        Y = geo.safe_normalize_rows(P)
-        if omega != 0 and _rows.ortho_applies(rows, P.shape[1]):
-            G = G + _rows.reference_ortho_gradient(Y, omega, ortho_dtype)
-        h = geo.clip_rows(geo.project_tangent(Y, G), grad_clip)
-        h = h * (geo.row_norms(P) > 0)  # a zero row has no direction: it stays zero
+        Y, h = rs.reference_tangent(
+            p, grad, omega=omega, grad_clip=grad_clip, ortho_dtype=ortho_dtype
+        )
+        tau = buf.reshape(Y.shape)
         m = momentum * tau - lr * h
         d = momentum * m - lr * h if nesterov else m
         P_new = geo.expmap(Y, d)
         tau_new = geo.transport(Y, d, m) if nesterov else geo.transport_velocity(Y, d)
         p.copy_(P_new.reshape(p.shape))
         buf.copy_(tau_new.reshape(buf.shape))
-
-
-def _bucket_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
-    buckets: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, _rows.compute_dtype(p)), []).append(i)
-    return buckets
 
 
 def _multi_tensor_sgdg(
@@ -314,53 +225,24 @@ def _multi_tensor_sgdg(
     all tensors of a bucket. Momentum is assumed tangent (<tau, y> = 0 up to rounding), which
     holds because it is the parallel transport of a tangent vector.
     """
-    for (device, cdt), idx in _bucket_by_device_and_dtype(params).items():
-        slots, offset, max_numel = [], 0, 0
-        for i in idx:
-            slot = _rows.prepare_rows(params[i], grads[i], [momentum_buffers[i]], offset)
-            slots.append(slot)
-            offset += slot.rows
-            max_numel = max(max_numel, slot.P.numel())
-        total = offset
-        need_gg = grad_clip is not None or nesterov
-        scal = scratch.take((6, total, 1), cdt, device)
-        norm_p, dot_pg, norm_g, norm_m, dot_mg = scal[0], scal[1], scal[2], scal[3], scal[4]
-        work_flat = scratch.take((max_numel,), cdt, device)
-
-        # phase 1: orthogonality term (two GEMMs) and three row reductions per tensor
-        for s in slots:
-            P, sl = s.P, slice(s.offset, s.offset + s.rows)
-            torch.linalg.vector_norm(P, dim=1, keepdim=True, out=norm_p[sl])
-            if omega != 0 and _rows.ortho_applies(s.rows, P.shape[1]):
-                out = scratch.take(tuple(P.shape), cdt, device)
-                s.G = _rows.add_ortho_gradient(P, s.G, omega, out, norm_p[sl], ortho_dtype)
-            work = work_flat[: P.numel()].view(P.shape)
-            torch.mul(P, s.G, out=work)
-            torch.sum(work, dim=1, keepdim=True, out=dot_pg[sl])
-            if need_gg:
-                torch.linalg.vector_norm(s.G, dim=1, keepdim=True, out=norm_g[sl])
-
-        # phase 2: per-row scalars of the projected, clipped gradient (all rows at once)
-        tiny = _rows.tiny(cdt)
-        valid = norm_p > 0
-        rinv = torch.where(valid, norm_p.clamp_min(tiny).reciprocal(), 0.0)
-        yg = dot_pg * rinv  # <y, g>
-        eta_c = valid.to(cdt) * lr
-        hh = None
-        if need_gg:
-            hh = (norm_g.square() - yg.square()).clamp_min_(0.0)  # |h|^2 before clipping
-        if grad_clip is not None:
-            eta_c = eta_c * (grad_clip / hh.sqrt().clamp_min(grad_clip))
+    for b in rs.buckets(params, grads, momentum_buffers, scratch):
+        t = rs.fast_tangent(
+            b, scratch, omega=omega, grad_clip=grad_clip, ortho_dtype=ortho_dtype, need_hh=nesterov
+        )
+        scal = scratch.take((2, b.total, 1), b.cdt, b.device)
+        norm_m, dot_mg = scal[0], scal[1]
+        rinv, hh = t.rinv, t.hh
+        eta_c = t.c * lr
         a_g = -eta_c
-        a_p = eta_c * yg * rinv
+        a_p = eta_c * t.yg * rinv
 
         # phase 3: new momentum m = gamma tau + aG g + aP p, in place; its row norm
-        for s in slots:
+        for s in b.slots:
             P, G, tau, sl = s.P, s.G, s.bufs[0], slice(s.offset, s.offset + s.rows)
             tau.mul_(momentum).addcmul_(G, a_g[sl]).addcmul_(P, a_p[sl])
             torch.linalg.vector_norm(tau, dim=1, keepdim=True, out=norm_m[sl])
             if nesterov:
-                work = work_flat[: P.numel()].view(P.shape)
+                work = b.work(s)
                 torch.mul(tau, G, out=work)
                 torch.sum(work, dim=1, keepdim=True, out=dot_mg[sl])
 
@@ -390,9 +272,9 @@ def _multi_tensor_sgdg(
             t_p = -(dm * sinc * rinv + dmq * a_p)
 
         # phase 5: p <- exp_y(d), tau <- transport, two passes per output with one scratch
-        for s in slots:
+        for s in b.slots:
             P, G, tau, sl = s.P, s.G, s.bufs[0], slice(s.offset, s.offset + s.rows)
-            work = work_flat[: P.numel()].view(P.shape)
+            work = b.work(s)
             if not nesterov:
                 torch.mul(P, t_p[sl], out=work).addcmul_(tau, t_m[sl])
                 P.addcmul_(P, p_self[sl]).addcmul_(tau, p_m[sl])
@@ -400,5 +282,4 @@ def _multi_tensor_sgdg(
                 torch.mul(G, t_g[sl], out=work).addcmul_(P, t_p[sl]).addcmul_(tau, t_m[sl])
                 P.addcmul_(P, p_self[sl]).addcmul_(G, p_g[sl]).addcmul_(tau, p_m[sl])
             tau.copy_(work)
-            if s.stage is not None:
-                s.stage.copy_(s.P)
+        rs.write_back(b)

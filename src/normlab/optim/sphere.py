@@ -81,8 +81,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _torch_sgd
 
 from .. import geometry
+from ._row_sphere import keep_compute_dtype_state
 
 __all__ = ["SphereSGD", "sphere_sgd", "GRANULARITIES"]
 
@@ -217,19 +219,14 @@ class SphereSGD(Optimizer):
                 raise
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``Optimizer.load_state_dict``, keeping the recorded radii in float32 or wider.
+        """``Optimizer.load_state_dict``, keeping sphere state (radii, momentum) in compute dtype.
 
         torch casts every floating-point state tensor to its parameter's dtype; for bfloat16 or
-        float16 parameters that would round the radius, so the saved radii are put back.
+        float16 parameters that would round the radius and the momentum, so the saved float32
+        values are put back (:func:`normlab.geometry.compute_dtype`, as SGD-G and Adam-G do).
         """
-        saved = state_dict["state"]
-        radii = {k: v["radius"] for k, v in saved.items() if "radius" in v}
         super().load_state_dict(state_dict)
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for index, p in zip(saved_group["params"], group["params"]):
-                if index in radii:
-                    dtype = torch.promote_types(p.dtype, torch.float32)
-                    self.state[p]["radius"] = radii[index].to(p.device, dtype, copy=True)
+        keep_compute_dtype_state(self, state_dict, lambda group: group["scale_invariant"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -269,7 +266,7 @@ class SphereSGD(Optimizer):
             if p.is_complex() or not p.is_floating_point():
                 raise ValueError("SphereSGD needs real floating-point parameters")
         # measured in at least float32 (a bfloat16 norm is off by up to 0.4 %); runs once
-        params = [p.detach().to(_work_dtype(p)) for p in group["params"]]
+        params = [p.detach().to(geometry.compute_dtype(p)) for p in group["params"]]
         granularity = group["granularity"]
         if granularity == "global":
             norm = geometry.joint_norm(params)
@@ -302,9 +299,8 @@ class SphereSGD(Optimizer):
         if group["radius"] is not None:  # already rescaled when added: record the exact value
             radii = [torch.full_like(r, group["radius"]) for r in radii]
         for p, rho in zip(group["params"], radii):
-            # at least float32: a bfloat16 radius would carry only 3 significant digits
-            dtype = torch.promote_types(p.dtype, torch.float32)
-            self.state[p]["radius"] = rho.detach().to(dtype, copy=True)
+            # compute dtype: a bfloat16 radius would carry only 3 significant digits
+            self.state[p]["radius"] = rho.detach().to(geometry.compute_dtype(p), copy=True)
 
     def _sphere_group_step(self, group: dict[str, Any]) -> None:
         params = group["params"]
@@ -323,9 +319,15 @@ class SphereSGD(Optimizer):
             state = self.state[p]
             radii.append(state["radius"])
             if momentum > 0:
-                if "momentum_buffer" not in state:  # first step, or momentum switched on later
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
+                # float32 for float16/bfloat16 parameters, as SGD-G/Adam-G (geometry's rule)
+                cdt = geometry.compute_dtype(p)
+                buf = state.get("momentum_buffer")
+                if buf is None:  # first step, or momentum switched on later
+                    buf = torch.zeros_like(p, dtype=cdt)
+                elif buf.dtype != cdt or buf.device != p.device:
+                    buf = buf.to(device=p.device, dtype=cdt)
+                state["momentum_buffer"] = buf
+                bufs.append(buf)
         # the step is under no_grad: in-place updates of the (leaf) parameters are allowed
         sphere_sgd(
             params,
@@ -340,41 +342,30 @@ class SphereSGD(Optimizer):
         )
 
     def _euclidean_group_step(self, group: dict[str, Any]) -> None:
-        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        """``torch.optim.SGD`` (momentum, L2 decay) via torch's functional; ``lr=0`` freezes."""
+        lr, momentum = group["lr"], group["momentum"]
         if lr == 0:
             return  # frozen (e.g. the fixed head of a fully SI model): no state, no work
         params = [p for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("SphereSGD does not support sparse gradients")
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = len({(p.device, p.dtype) for p in params}) == 1
-        if not foreach:
-            for p, g in zip(params, grads):
-                d = g if wd == 0 else g.add(p, alpha=wd)
-                if momentum > 0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = d.detach().clone()
-                    else:
-                        state["momentum_buffer"].mul_(momentum).add_(d)
-                    d = state["momentum_buffer"]
-                p.add_(d, alpha=-lr)
-            return
-        directions = grads if wd == 0 else torch._foreach_add(grads, params, alpha=wd)
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        _torch_sgd(
+            params,
+            grads,
+            bufs,
+            foreach=group["foreach"],
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            lr=lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+        )
         if momentum > 0:
-            # torch semantics: the first buffer is a copy of the direction, then b = mu b + d
-            old = [i for i, p in enumerate(params) if "momentum_buffer" in self.state[p]]
-            for i, p in enumerate(params):
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = directions[i].detach().clone()
-            if old:
-                bufs = [self.state[params[i]]["momentum_buffer"] for i in old]
-                _foreach_scale_(bufs, momentum)
-                torch._foreach_add_(bufs, [directions[i] for i in old])
-            directions = [self.state[p]["momentum_buffer"] for p in params]
-        _foreach_axpy_(params, directions, -lr)
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,6 +405,24 @@ def sphere_sgd(
         foreach = same_kind
     if foreach and not same_kind:
         raise ValueError("foreach=True needs all tensors of a group on one device with one dtype")
+    cdt = geometry.compute_dtype(params[0])
+    if foreach and params[0].dtype != cdt:
+        # float16/bfloat16: the fast path runs on compute-dtype copies (one rounding per step,
+        # as the reference path), so every fast-path op sees a single dtype
+        work = [p.to(cdt) for p in params]
+        sphere_sgd(
+            work,
+            [g.to(cdt) for g in grads],
+            momentum_buffers,
+            [r.to(cdt) for r in radii],
+            elr=elr,
+            momentum=momentum,
+            granularity=granularity,
+            project_gradient=project_gradient,
+            foreach=True,
+        )
+        torch._foreach_copy_(params, work)
+        return
     if foreach:
         step = {"global": _global_fast, "tensor": _tensor_fast, "row": _rows_fast}[granularity]
     else:
@@ -432,20 +441,12 @@ def sphere_sgd(
     )
 
 
-def _work_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype to compute in: at least float32 (bfloat16/float16 parameters are upcast)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _global_reference(params, grads, bufs, radii, *, elr, momentum, granularity, project_gradient):
     """One joint sphere, written with :mod:`normlab.geometry` (the path the tests trust).
 
     Computes in at least float32 (``.to`` is a no-op for float32/float64 tensors) and writes back.
     """
-    work = _work_dtype(*params)
+    work = geometry.compute_dtype(*params)
     x = [p.to(work) for p in params]
     g = [t.to(work) for t in grads]
     rho = radii[0].to(work)
@@ -466,7 +467,7 @@ def _global_reference(params, grads, bufs, radii, *, elr, momentum, granularity,
 def _rows_reference(params, grads, bufs, radii, *, elr, momentum, granularity, project_gradient):
     """One sphere per tensor or per row, written with :mod:`normlab.geometry`."""
     for i, (p, g, rho) in enumerate(zip(params, grads, radii)):
-        work = _work_dtype(p)
+        work = geometry.compute_dtype(p)
         rows = _rows_of(p, granularity).to(work)
         grad_rows = _rows_of(g, granularity).to(work)
         rho = rho.to(work).reshape(-1, 1)
@@ -482,68 +483,32 @@ def _rows_reference(params, grads, bufs, radii, *, elr, momentum, granularity, p
         p.copy_((rho * geometry.safe_normalize_rows(moved)).view_as(p))
 
 
-def _low_precision(tensors: list[Tensor]) -> bool:
-    return tensors[0].dtype in (torch.float16, torch.bfloat16)
-
-
-def _foreach_scale_(tensors: list[Tensor], factor: float) -> None:
-    """``t *= factor`` for all tensors. ``torch._foreach_mul_`` rounds a Python-float factor to
-    the tensors' dtype (0.9 -> 0.8984 in bfloat16, measured on CPU); a float32 0-d tensor is not
-    rounded, so low-precision tensors get one."""
-    if _low_precision(tensors):
-        torch._foreach_mul_(tensors, torch.tensor(factor, device=tensors[0].device))
-    else:
-        torch._foreach_mul_(tensors, factor)
-
-
-def _foreach_axpy_(xs: list[Tensor], ys: list[Tensor], alpha: float) -> None:
-    """``x += alpha y`` for all pairs. ``torch._foreach_add_`` rounds ``alpha`` to the tensors'
-    dtype as well (measured on CPU), so low-precision tensors take the per-tensor ``add_``."""
-    if _low_precision(xs):
-        for x, y in zip(xs, ys):
-            x.add_(y, alpha=alpha)
-    else:
-        torch._foreach_add_(xs, ys, alpha=alpha)
-
-
-def _foreach_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """Per-tensor norms in one multi-tensor reduction, accumulated in at least float32."""
-    dtype = tensors[0].dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    return list(torch._foreach_norm(tensors))
-
-
-def _joint_dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).sum()
-
-
 def _global_fast(params, grads, bufs, radii, *, elr, momentum, granularity, project_gradient):
     """One joint sphere with multi-tensor ops: one reduction (the norm) in the plain case.
 
     Plain case (no momentum, no projection): ``x += -lr g`` (one fused pass), the joint norm of
-    the result by ``torch._foreach_norm`` (one reduction), ``x *= rho / |u|`` (one fused pass, the
-    factor stays a tensor so nothing waits on the device).
+    the result by ``torch._foreach_norm`` (one reduction), ``x *= rho / |u|`` (one fused pass).
+    Every factor (``lr = elr rho^2``, the projection coefficient, ``rho/|u|``) stays a 0-d tensor
+    of the parameters' dtype, so nothing waits on the device and nothing is rounded.
     """
     rho = radii[0]
-    rho_value = float(rho)
-    lr = elr * rho_value * rho_value
+    lr = elr * rho * rho
+    lrs = [lr] * len(params)
     if momentum > 0:
-        _foreach_scale_(bufs, momentum)
+        torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads)
         # keep the buffer tangent: b -= (<x, b> / rho^2) x
-        coef = _joint_dot(params, bufs) / (rho * rho)
-        _foreach_axpy_(bufs, params, -float(coef))
-        _foreach_axpy_(params, bufs, -lr)
+        coef = geometry.joint_inner(params, bufs) / (rho * rho)
+        torch._foreach_addcmul_(bufs, params, [coef] * len(params), value=-1.0)
+        torch._foreach_addcmul_(params, bufs, lrs, value=-1.0)
     elif project_gradient:
         # x - lr (g - c x) = (1 + lr c) x - lr g,  c = <x, g> / rho^2
-        coef = _joint_dot(params, grads) / (rho * rho)
+        coef = geometry.joint_inner(params, grads) / (rho * rho)
         torch._foreach_mul_(params, 1.0 + lr * coef)
-        _foreach_axpy_(params, grads, -lr)
+        torch._foreach_addcmul_(params, grads, lrs, value=-1.0)
     else:
-        _foreach_axpy_(params, grads, -lr)
-    norm = torch.linalg.vector_norm(torch.stack(_foreach_norms(params)))
-    torch._foreach_mul_(params, rho / norm)  # a float32/64 0-d factor: no rounding to bf16
+        torch._foreach_addcmul_(params, grads, lrs, value=-1.0)
+    torch._foreach_mul_(params, rho / geometry.joint_norm(params))
 
 
 def _tensor_fast(params, grads, bufs, radii, *, elr, momentum, granularity, project_gradient):
@@ -562,7 +527,7 @@ def _tensor_fast(params, grads, bufs, radii, *, elr, momentum, granularity, proj
         return
     lrs = torch._foreach_mul(torch._foreach_mul(radii, radii), elr)  # lr_k = elr rho_k^2
     torch._foreach_addcmul_(params, grads, lrs, value=-1.0)  # x_k -= lr_k g_k, one pass
-    torch._foreach_mul_(params, torch._foreach_div(radii, _foreach_norms(params)))
+    torch._foreach_mul_(params, torch._foreach_div(radii, torch._foreach_norm(params)))
 
 
 def _rows_fast(params, grads, bufs, radii, *, elr, momentum, granularity, project_gradient):
