@@ -142,6 +142,26 @@ def test_second_sigint_during_the_checkpoint_keeps_the_previous_one(tmp_path, mo
     assert_same_run(RunDirectory(tmp_path / "straight"), cut)
 
 
+def test_sigint_while_running_is_written_still_ends_interrupted(tmp_path, monkeypatch):
+    """A SIGINT that lands inside the write of the "running" summary (a study killed just as its
+    worker starts a run) must leave "interrupted" and a checkpoint, not "running" forever."""
+    real_write = RunDirectory.write_summary
+
+    def write_then_sigint(self, summary):
+        real_write(self, summary)
+        if summary["status"] == "running":
+            os.kill(os.getpid(), signal.SIGINT)  # nothing deferred yet: raises here
+
+    monkeypatch.setattr(RunDirectory, "write_summary", write_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *BN_RUN, "name=cut")
+    monkeypatch.setattr(RunDirectory, "write_summary", real_write)
+    cut = RunDirectory(tmp_path / "cut")
+    assert cut.read_summary()["status"] == "interrupted"
+    assert cut.load_checkpoint()["step"] == 0
+    assert run(tmp_path, *BN_RUN, "name=cut", "resume=true")["status"] == "finished"
+
+
 # ------------------------------------------------------------------ real SIGINTs, random moments
 # A worker process trains the runs it reads from stdin, one line each, and answers one line: the
 # run's status, or "interrupted". It says "ready" when the loop is about to start. Outside train()

@@ -242,8 +242,14 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None, stop) -> dict:
         _check_run_dir(run_dir, cfg)
         started = False
         try:
-            accum = _start(state, cbs, run_dir)
-            started = True  # recorded as running: from here the summary says how it ended
+            accum = _resume(state, cbs, run_dir)
+            # From here the summary says how the run ended. `started` is set before "running"
+            # is written: a Ctrl-C (or a dying study's SIGINT) that lands inside that write must
+            # still leave "interrupted", never a "running" that nothing will ever update.
+            started = True
+            if info.is_main:
+                run_dir.write_config(cfg)
+                run_dir.write_summary(_summary(state, "running"))
             cbs.on_train_start(state)
             stop.defer = not info.enabled
             status = _run_epochs(state, cbs, accum, stop)
@@ -322,17 +328,12 @@ def _build(cfg, callbacks, data: TensorDataset, loaders, device, info, run_dir: 
     return state, CallbackList([*extension_callbacks, *callbacks])
 
 
-def _start(state: TrainState, cbs: CallbackList, run_dir: RunDirectory):
-    """Resume the checkpoint's position (``resume=true``) and record the run as ``running``;
-    returns the epoch accumulator of a run resumed mid-epoch."""
-    cfg, main = state.config, state.dist.is_main  # every rank resumes; the main one writes
-    accum = None
-    if cfg["resume"] and run_dir.checkpoint_path.exists():
-        accum = _restore(state, cbs, run_dir.load_checkpoint(map_location=state.device))
-    if main:
-        run_dir.write_config(cfg)
-        run_dir.write_summary(_summary(state, "running"))
-    return accum
+def _resume(state: TrainState, cbs: CallbackList, run_dir: RunDirectory):
+    """Restore the checkpoint's position (``resume=true`` and one exists; every rank does);
+    returns the epoch accumulator of a run resumed mid-epoch, else None."""
+    if state.config["resume"] and run_dir.checkpoint_path.exists():
+        return _restore(state, cbs, run_dir.load_checkpoint(map_location=state.device))
+    return None
 
 
 def _write_interrupted(state: TrainState, cbs: CallbackList) -> None:
