@@ -150,6 +150,16 @@ def build_cases(pset: ParamSet, with_reference: bool):
         "sgd",
         lambda ps: SGDG(_paper_groups(ps, pset, 0.2, omega=0.1, ortho_dtype=torch.bfloat16)),
     )
+    add(
+        "normlab SGDG, omega 0, fused",
+        "sgd",
+        lambda ps: SGDG(_paper_groups(ps, pset, 0.2, omega=0.0), fused=True),
+    )
+    add(
+        "normlab SGDG, omega 0.1, fused",
+        "sgd",
+        lambda ps: SGDG(_paper_groups(ps, pset, 0.2, omega=0.1), fused=True),
+    )
     if with_reference:
         add(
             "normlab SGDG, omega 0, reference path",
@@ -169,6 +179,16 @@ def build_cases(pset: ParamSet, with_reference: bool):
         "normlab AdamG, omega 0.1",
         "adam",
         lambda ps: AdamG(_paper_groups(ps, pset, 0.05, omega=0.1)),
+    )
+    add(
+        "normlab AdamG, omega 0, fused",
+        "adam",
+        lambda ps: AdamG(_paper_groups(ps, pset, 0.05), fused=True),
+    )
+    add(
+        "normlab AdamG, omega 0.1, fused",
+        "adam",
+        lambda ps: AdamG(_paper_groups(ps, pset, 0.05, omega=0.1), fused=True),
     )
     add("geoopt RiemannianAdam, Sphere", "adam", lambda ps: _geoopt(ps, pset, "adam"))
     add("adamp AdamP (wd 5e-4)", "adam", lambda ps: _adamp(ps, "adam"))
@@ -254,7 +274,17 @@ def run(model: str, rounds: int, warmup: int, with_reference: bool, seed: int = 
         )
     n_params = sum(p.numel() for p in pset.params)
     n_sphere = sum(p.numel() for p, k in zip(pset.params, pset.kinds) if k == "sphere")
-    return rows, n_params, n_sphere, len(pset.params)
+    compiles = compile_report(cases)
+    return rows, n_params, n_sphere, len(pset.params), compiles
+
+
+def compile_report(cases) -> list[tuple[str, int, float]]:
+    """(case, graphs compiled, seconds) of every fused case: compiled once, in the warm-up."""
+    return [
+        (name, opt.fused_compiles, opt.fused_compile_seconds)
+        for name, (_, opt, _) in cases.items()
+        if getattr(opt, "fused_compiles", 0)
+    ]
 
 
 def machine_info(threads: int) -> str:
@@ -282,12 +312,15 @@ def main(argv=None):
     print(f"machine: {machine_info(args.threads)}")
     print(f"rounds: {rounds} (interleaved, random order), warm-up steps: {warmup}\n")
     for model in MODELS if args.model == "all" else [args.model]:
-        rows, n, n_sphere, n_tensors = run(model, rounds, warmup, args.reference)
+        rows, n, n_sphere, n_tensors, compiles = run(model, rounds, warmup, args.reference)
         print(f"### {model}: {n:,} params in {n_tensors} tensors, {n_sphere:,} on the sphere\n")
         print("| optimizer | ms/step (median) | ratio to baseline (median) | ratio IQR |")
         print("|---|---:|---:|---:|")
         for name, ms, ratio, q1, q3 in rows:
             print(f"| {name} | {ms:.2f} | {ratio:.2f}x | {q1:.2f}-{q3:.2f} |")
+        print()
+        for name, graphs, seconds in compiles:
+            print(f"compile: {name}: {graphs} graph(s), {seconds:.1f} s (once, in the warm-up)")
         print()
 
 

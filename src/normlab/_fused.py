@@ -64,8 +64,11 @@ class FusedStep:
     def _backend(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
+        compiled = compile_fx(gm, example_inputs)
+        # counted on success only: dynamo may abandon a first attempt and trace again
+        # (TensorifyScalarRestartAnalysis on a cold cache), which is one graph, not two
         self.compiles += 1
-        return compile_fx(gm, example_inputs)
+        return compiled
 
     def __call__(self, key: Hashable, *args, **kwargs):
         """``fn(*args, **kwargs)`` compiled for ``key``; None (after one warning) if impossible."""

@@ -42,6 +42,7 @@ from torch.optim.optimizer import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from .. import geometry as geo
+from .._fused import FusedStep, ScalarSlots
 from . import _rows
 
 __all__ = ["RowSphereOptimizer", "reference_tangent", "buckets", "fast_tangent", "TangentRows"]
@@ -65,11 +66,111 @@ def reference_tangent(
     rows = _rows.num_rows(p)
     P = p.reshape(rows, -1).to(cdt)
     G = grad.reshape(rows, -1).to(cdt)
+    use_ortho = omega != 0 and _rows.ortho_applies(rows, P.shape[1])
+    return tangent_rows(
+        P, G, omega=omega, grad_clip=grad_clip, use_ortho=use_ortho, ortho_dtype=ortho_dtype
+    )
+
+
+def tangent_rows(
+    P: Tensor, G: Tensor, *, omega, grad_clip, use_ortho: bool, ortho_dtype
+) -> tuple[Tensor, Tensor]:
+    """The tangent stage on rows ``P``, ``G`` (compute dtype) as a pure function: ``(Y, h)``.
+
+    ``omega`` and ``grad_clip`` may be Python numbers or 0-d tensors (the compiled fused steps
+    pass tensors, so a changed value never recompiles); ``use_ortho`` and whether ``grad_clip``
+    is None decide the shape of the computation.
+    """
     Y = geo.safe_normalize_rows(P)
-    if omega != 0 and _rows.ortho_applies(rows, P.shape[1]):
+    if use_ortho:
         G = G + _rows.reference_ortho_gradient(Y, omega, ortho_dtype)
     h = geo.clip_rows(geo.project_tangent(Y, G), grad_clip)
     return Y, h * (geo.row_norms(P) > 0)  # a zero row has no direction: it stays zero
+
+
+def fused_rows(p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``(out, n)`` of a parameter and its gradient in compute dtype, inside a fused graph
+    (a logical reshape: the compiler reads any memory layout, ``channels_last`` included)."""
+    cdt = geo.compute_dtype(p)
+    rows = _rows.num_rows(p)
+    return p.reshape(rows, -1).to(cdt), grad.reshape(rows, -1).to(cdt)
+
+
+# The fused steps (``fused=True``) write each update as per-row linear combinations of the rows
+# they read (point P, gradient G, state T): every scalar they need (norms, the tangent
+# coefficient, the norm of the new momentum or step) is a quadratic form in the rows' Gram
+# matrix, so the compiled graph makes one reduction pass (all inner products at once) and one
+# pointwise pass (all outputs at once) over each tensor: the memory traffic of SGD with momentum.
+
+
+def row_gram(vectors: list[Tensor]) -> list[list[Tensor]]:
+    """``gram[i][j] = <v_i, v_j>`` per row, shape ``(rows, 1)`` (symmetric, computed once)."""
+    n = len(vectors)
+    gram: list[list] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            gram[i][j] = gram[j][i] = (vectors[i] * vectors[j]).sum(-1, keepdim=True)
+    return gram
+
+
+def quad(gram: list[list[Tensor]], a, b) -> Tensor:
+    """``<sum_i a_i v_i, sum_j b_j v_j>`` per row from the Gram matrix of the ``v_i``."""
+    total = 0.0
+    for i, ai in enumerate(a):
+        for j, bj in enumerate(b):
+            total = total + ai * bj * gram[i][j]
+    return total
+
+
+def combine(coeffs, vectors: list[Tensor]) -> Tensor:
+    """``sum_i coeffs_i v_i`` (per-row coefficients broadcast over the row)."""
+    out = coeffs[0] * vectors[0]
+    for c, v in zip(coeffs[1:], vectors[1:]):
+        out = out + c * v
+    return out
+
+
+@dataclass
+class FusedTangent:
+    """The tangent stage of a fused step: ``G`` (with the orthogonality term if any), the Gram
+    matrix of ``(P, G, *state)``, and per row ``rinv = 1/|p|`` (0 for a zero row), ``yg = <y, g>``,
+    ``c`` the clip factor (0 for a zero row) and ``hh = |g - <y, g> y|^2`` before clipping, so that
+    ``h = c (G - yg rinv P)``."""
+
+    G: Tensor
+    gram: list[list[Tensor]]
+    rinv: Tensor
+    yg: Tensor
+    c: Tensor
+    hh: Tensor
+
+
+def fused_tangent(
+    P: Tensor, G: Tensor, state: list[Tensor], *, omega, grad_clip, use_ortho: bool, ortho_dtype
+) -> FusedTangent:
+    """:func:`tangent_rows` in coefficient form (pure; ``omega``/``grad_clip`` may be tensors)."""
+    if use_ortho:
+        G = G + _rows.reference_ortho_gradient(geo.safe_normalize_rows(P), omega, ortho_dtype)
+    gram = row_gram([P, G, *state])
+    pp = gram[0][0]
+    valid = pp > 0
+    rinv = torch.where(valid, pp.clamp_min(geo.tiny(P.dtype)).rsqrt(), 0.0)
+    yg = gram[0][1] * rinv
+    hh = (gram[1][1] - yg * yg).clamp_min(0.0)
+    c = valid.to(P.dtype)
+    if grad_clip is not None:
+        c = c * (grad_clip / hh.sqrt().clamp_min(grad_clip))
+    return FusedTangent(G, gram, rinv, yg, c, hh)
+
+
+def ortho_flags(params: list[Tensor], omega) -> tuple[bool, ...]:
+    """Per tensor: is the orthogonality term applied (omega != 0 and out <= n)? A static part of
+    a fused step's key."""
+    on = _rows.as_float(omega) != 0
+    return tuple(
+        on and _rows.ortho_applies(_rows.num_rows(p), p.numel() // max(_rows.num_rows(p), 1))
+        for p in params
+    )
 
 
 @dataclass
@@ -215,18 +316,23 @@ class RowSphereOptimizer(Optimizer):
         "ortho_dtype": None,
         "foreach": None,
         "dampening": 0.0,
+        "fused": None,
     }
     #: group-key aliases of the original code: alias -> (key, index or None)
     _aliases: dict = {}
 
     def __init__(self, params, defaults: dict, lr_manifold: float | None = None):
         self._scratch = _rows.ScratchPool()
+        self._fused_step = FusedStep(self._fused_function(), self._name)
+        self._scalars = ScalarSlots()
         self._lr_manifold = lr_manifold
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._scratch = _rows.ScratchPool()
+        self._fused_step = FusedStep(self._fused_function(), self._name)
+        self._scalars = ScalarSlots()
         self.__dict__.setdefault("_lr_manifold", None)
         for group in self.param_groups:
             for key, value in self._setstate_defaults.items():
@@ -335,7 +441,7 @@ class RowSphereOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._scratch.reset()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params, grads = [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -347,6 +453,8 @@ class RowSphereOptimizer(Optimizer):
             if not params:
                 continue
             if group["grassmann"]:
+                if group["fused"] and self._run_fused(index, group, params, grads):
+                    continue
                 self._manifold_step(group, params, grads)
             elif group.get("euclidean", "sgd") == "sgd":
                 self._euclidean_sgd(group, params, grads)
@@ -357,6 +465,43 @@ class RowSphereOptimizer(Optimizer):
     def _manifold_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ fused step
+    @property
+    def fused_compiles(self) -> int:
+        """Graphs compiled so far for ``fused=True`` groups (one per group and option set; an LR
+        schedule never adds one: rates enter as tensors)."""
+        return self._fused_step.compiles
+
+    @property
+    def fused_compile_seconds(self) -> float:
+        """Wall time of the steps that compiled a fused graph."""
+        return self._fused_step.compile_seconds
+
+    def _fused_function(self) -> Callable:
+        """The pure step function of a manifold group (see :mod:`normlab._fused`)."""
+        raise NotImplementedError
+
+    def _run_fused(self, index: int, group: dict, params: list[Tensor], grads: list[Tensor]):
+        """One compiled step of manifold group ``index``; False when compiling is impossible
+        (after a one-line warning), and the caller runs the eager step."""
+        raise NotImplementedError
+
+    def _fused_state(self, p: Tensor, key: str, shape: tuple | None = None) -> Tensor:
+        """``state[p][key]`` in compute dtype on p's device, any memory layout (the compiled
+        step reads it logically); zeros at first."""
+        buf = self.state[p].get(key)
+        cdt = geo.compute_dtype(p)
+        if buf is None:
+            buf = torch.zeros(p.shape if shape is None else shape, dtype=cdt, device=p.device)
+        elif buf.dtype != cdt or buf.device != p.device:
+            buf = buf.to(device=p.device, dtype=cdt)
+        self.state[p][key] = buf
+        return buf
+
+    def _scalar(self, name: str, value, params: list[Tensor]) -> Tensor:
+        """A hyper-parameter as a 0-d tensor on the group's device, in its compute dtype."""
+        return self._scalars.get(name, value, params[0].device, geo.compute_dtype(*params))
+
     def _euclidean_sgd(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         """``torch.optim.SGD`` (L2 decay, momentum, dampening, Nesterov) via torch's functional."""
         momentum = _rows.as_float(group["momentum"])
@@ -366,6 +511,7 @@ class RowSphereOptimizer(Optimizer):
             grads,
             bufs,
             foreach=group["foreach"],
+            fused=group["fused"],
             weight_decay=_rows.as_float(group["weight_decay"]),
             momentum=momentum,
             lr=_rows.as_float(group["lr"]),
@@ -398,6 +544,7 @@ class RowSphereOptimizer(Optimizer):
             [],
             steps,
             foreach=group["foreach"],
+            fused=group["fused"],
             has_complex=any(torch.is_complex(p) for p in params),
             amsgrad=False,
             beta1=_rows.as_float(beta1),

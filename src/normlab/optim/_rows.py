@@ -60,12 +60,28 @@ def validate_common(group: dict) -> None:
     check_ortho_dtype(group["ortho_dtype"])
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"Invalid foreach: {group['foreach']!r}")
+    check_fused(group)
     if group["grassmann"]:
         for p in group["params"]:
             if not p.is_floating_point():
                 raise ValueError(
                     f"Invalid parameter: a grassmann parameter must be real float, got {p.dtype}"
                 )
+
+
+def check_fused(group: dict) -> None:
+    """``fused`` is None/False (eager) or True, never together with an explicit ``foreach``, and a
+    fused group lives on one device (its step is one compiled graph)."""
+    fused = group.get("fused")
+    if fused not in (None, True, False):
+        raise ValueError(f"Invalid fused: {fused!r} (expected None, False or True)")
+    if fused and group["foreach"] is not None:
+        raise ValueError(
+            f"Invalid fused=True with foreach={group['foreach']}: fused replaces both step paths; "
+            "leave foreach=None"
+        )
+    if fused and len({p.device for p in group["params"]}) > 1:
+        raise ValueError("Invalid fused=True: the parameters of a fused group must share a device")
 
 
 def normalize_rows_(p: Tensor) -> None:

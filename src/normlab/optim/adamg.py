@@ -75,6 +75,9 @@ class AdamG(rs.RowSphereOptimizer):
         beta2, epsilon: the authors' names of ``betas[1]`` and ``eps`` (override them if given).
         dampening: dampening of Euclidean SGD momentum (torch semantics).
         foreach: None/True fast path, False single-tensor reference.
+        fused: True runs each manifold group's step as one compiled graph
+            (:func:`adamg_fused_step`; see :class:`SGDG`), Euclidean groups with torch's fused
+            SGD/Adam kernels.
     """
 
     _name = "AdamG"
@@ -101,6 +104,7 @@ class AdamG(rs.RowSphereOptimizer):
         dampening: float = 0.0,
         ortho_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         if beta2 is not None:  # the authors' name of betas[1]
             betas = (betas[0], beta2)
@@ -120,6 +124,7 @@ class AdamG(rs.RowSphereOptimizer):
             euclidean=euclidean,
             ortho_dtype=ortho_dtype,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults, lr_manifold=lr_manifold)
 
@@ -164,6 +169,109 @@ class AdamG(rs.RowSphereOptimizer):
             foreach=group["foreach"],
             scratch=self._scratch,
         )
+
+    def _fused_function(self):
+        return adamg_fused_step
+
+    def _run_fused(self, index: int, group: dict, params: list[Tensor], grads: list[Tensor]):
+        beta1, beta2 = (_rows.as_float(b) for b in group["betas"])
+        steps, exp_avgs, exp_avg_sqs = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            steps.append(state["step"])
+            exp_avgs.append(self._fused_state(p, "exp_avg"))
+            exp_avg_sqs.append(self._fused_state(p, "exp_avg_sq", (_rows.num_rows(p), 1)))
+        # the bias corrections from the (host) step counters, in double as the reference, sent
+        # to the device as one small copy: no device-to-host synchronisation
+        cdt, device = geo.compute_dtype(*params), params[0].device
+        alphas = [_bias_correction(t + 1, beta1, beta2) for t in steps]
+        alphas = torch.tensor(alphas, dtype=cdt).to(device, non_blocking=True)
+        key = (
+            index,
+            group["grad_clip"] is not None,
+            rs.ortho_flags(params, group["omega"]),
+            group["ortho_dtype"],
+        )
+        out = self._fused_step(
+            key,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            alphas,
+            self._scalar("lr", group["lr"], params),
+            self._scalar("beta1", beta1, params),
+            self._scalar("beta2", beta2, params),
+            self._scalar("eps", group["eps"], params),
+            self._scalar("omega", group["omega"], params),
+            None
+            if group["grad_clip"] is None
+            else self._scalar("clip", group["grad_clip"], params),
+            ortho=key[2],
+            ortho_dtype=group["ortho_dtype"],
+        )
+        if out is None:
+            return False
+        new_params, new_avgs, new_sqs = out
+        torch._foreach_copy_(params, new_params)
+        for p, step, m, v in zip(params, steps, new_avgs, new_sqs):
+            step += 1
+            self.state[p]["exp_avg"] = m
+            self.state[p]["exp_avg_sq"] = v
+        return True
+
+
+def adamg_fused_step(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    alphas,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    omega,
+    grad_clip,
+    *,
+    ortho,
+    ortho_dtype,
+):
+    """The Adam-G step as a **pure** function (new tensors out): what ``fused=True`` compiles.
+
+    The maths of :func:`_single_tensor_adamg` in coefficient form on the rows ``(P, G, M)``
+    (see :func:`normlab.optim._row_sphere.fused_tangent`): ``h = c (G - yg rinv P)``,
+    ``m = beta1 M + (1 - beta1) h``, ``v = beta2 v + (1 - beta2) c^2 |h|^2``,
+    ``k = lr alpha / sqrt(v + eps)`` and ``theta = k |m|``; then
+    ``p_new = cos(theta) rinv P - k sinc(theta) m`` and ``m_new = cos(theta) m + |m| sin(theta)
+    rinv P`` (the transport of ``m`` along ``-k m``). ``alphas[i]`` is tensor ``i``'s bias
+    correction ``sqrt(1 - beta2^t)/(1 - beta1^t)``; the other hyper-parameters are 0-d tensors.
+    A zero row with ``eps = 0`` keeps a zero step (a floor on the denominator) instead of 0/0.
+    """
+    new_params, new_avgs, new_sqs = [], [], []
+    for i, (p, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        P, G = rs.fused_rows(p, grad)
+        M = exp_avg.reshape(P.shape)
+        t = rs.fused_tangent(
+            P, G, [M], omega=omega, grad_clip=grad_clip, use_ortho=ortho[i], ortho_dtype=ortho_dtype
+        )
+        b_g = (1.0 - beta1) * t.c
+        m = (-b_g * t.yg * t.rinv, b_g, beta1)  # coefficients on (P, G, M)
+        v = beta2 * exp_avg_sq + (1.0 - beta2) * (t.c * t.c * t.hh)
+        norm_m = rs.quad(t.gram, m, m).clamp_min(0.0).sqrt()
+        k = (lr * alphas[i]) / torch.sqrt(v + eps).clamp_min(geo.tiny(P.dtype))
+        theta = k * norm_m
+        cos = torch.cos(theta)
+        s_m = -k * geo.sinc(theta)  # p_new = cos(theta) rinv P + s_m m
+        p_new = (cos * t.rinv + s_m * m[0], s_m * m[1], s_m * m[2])
+        m_new = (cos * m[0] + norm_m * torch.sin(theta) * t.rinv, cos * m[1], cos * m[2])
+        rows = [P, t.G, M]
+        new_params.append(rs.combine(p_new, rows).reshape(p.shape).to(p.dtype))
+        new_avgs.append(rs.combine(m_new, rows).reshape(exp_avg.shape))
+        new_sqs.append(v)
+    return new_params, new_avgs, new_sqs
 
 
 # ----------------------------------------------------------------------------------------------

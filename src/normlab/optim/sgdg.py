@@ -90,6 +90,11 @@ class SGDG(rs.RowSphereOptimizer):
         foreach: None or True use the fast path (rows of equal treatment batched, fused row
             reductions, updates as per-row linear combinations); False uses the readable
             single-tensor reference implementation.
+        fused: True runs each manifold group's whole step as one compiled graph
+            (``torch.compile``; :func:`sgdg_fused_step`), Euclidean groups with torch's own fused
+            SGD kernels. Opt-in: compiling costs seconds to a minute once per group (see
+            :attr:`fused_compiles`, :attr:`fused_compile_seconds`); where compiling is impossible
+            it warns once and runs the eager fast path. The state is the same as eager.
 
     Example::
 
@@ -113,6 +118,7 @@ class SGDG(rs.RowSphereOptimizer):
         dampening: float = 0.0,
         ortho_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -125,6 +131,7 @@ class SGDG(rs.RowSphereOptimizer):
             grad_clip=grad_clip,
             ortho_dtype=ortho_dtype,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults, lr_manifold=lr_manifold)
 
@@ -142,6 +149,88 @@ class SGDG(rs.RowSphereOptimizer):
             foreach=group["foreach"],
             scratch=self._scratch,
         )
+
+    def _fused_function(self):
+        return sgdg_fused_step
+
+    def _run_fused(self, index: int, group: dict, params: list[Tensor], grads: list[Tensor]):
+        bufs = [self._fused_state(p, "momentum_buffer") for p in params]
+        key = (
+            index,
+            group["nesterov"],
+            group["grad_clip"] is not None,
+            rs.ortho_flags(params, group["omega"]),
+            group["ortho_dtype"],
+        )
+        out = self._fused_step(
+            key,
+            params,
+            grads,
+            bufs,
+            self._scalar("lr", group["lr"], params),
+            self._scalar("momentum", group["momentum"], params),
+            self._scalar("omega", group["omega"], params),
+            None
+            if group["grad_clip"] is None
+            else self._scalar("clip", group["grad_clip"], params),
+            nesterov=group["nesterov"],
+            ortho=key[3],
+            ortho_dtype=group["ortho_dtype"],
+        )
+        if out is None:
+            return False
+        new_params, new_bufs = out
+        torch._foreach_copy_(params, new_params)
+        for p, buf in zip(params, new_bufs):
+            self.state[p]["momentum_buffer"] = buf  # a new tensor each step: no copy needed
+        return True
+
+
+def sgdg_fused_step(
+    params, grads, momentum_buffers, lr, momentum, omega, grad_clip, *, nesterov, ortho, ortho_dtype
+):
+    """The SGD-G step as a **pure** function (new tensors out): what ``fused=True`` compiles.
+
+    The maths of :func:`_single_tensor_sgdg` in coefficient form on the rows ``(P, G, T)`` of
+    point, gradient and momentum (see :func:`normlab.optim._row_sphere.fused_tangent`): with
+    ``h = c (G - yg rinv P)``, the new momentum is ``m = gamma T + aG G + aP P`` (``aG = -lr c``,
+    ``aP = lr c yg rinv``), the step ``d = m`` (Nesterov: ``gamma m + aG G + aP P``), and
+    ``exp_y(d) = cos|d| rinv P + sinc|d| d``, ``pt_y(m; d) = m - <d, m> (sinc|d| rinv P + q d)``
+    with ``q = (1 - cos|d|)/|d|^2``; ``|d|`` and ``<d, m>`` are quadratic forms in the Gram matrix
+    of ``(P, G, T)``. Hyper-parameters are 0-d tensors; ``ortho[i]``: tensor ``i`` gets the
+    orthogonality term; ``grad_clip=None``: no clipping.
+    """
+    new_params, new_bufs = [], []
+    for p, grad, buf, use_ortho in zip(params, grads, momentum_buffers, ortho):
+        P, G = rs.fused_rows(p, grad)
+        T = buf.reshape(P.shape)
+        t = rs.fused_tangent(
+            P,
+            G,
+            [T],
+            omega=omega,
+            grad_clip=grad_clip,
+            use_ortho=use_ortho,
+            ortho_dtype=ortho_dtype,
+        )
+        a_g = -lr * t.c
+        a_p = lr * t.c * t.yg * t.rinv
+        m = (a_p, a_g, momentum)  # coefficients on (P, G, T)
+        d = (momentum * a_p + a_p, momentum * a_g + a_g, momentum * momentum) if nesterov else m
+        theta = rs.quad(t.gram, d, d).clamp_min(0.0).sqrt()
+        cos, sinc = torch.cos(theta), geo.sinc(theta)
+        p_new = (cos * t.rinv + sinc * d[0], sinc * d[1], sinc * d[2])
+        if nesterov:
+            dm = rs.quad(t.gram, d, m)
+            q = 0.5 * geo.sinc(0.5 * theta).square()
+            k_p, k_d = dm * sinc * t.rinv, dm * q
+            tau_new = (m[0] - k_p - k_d * d[0], m[1] - k_d * d[1], m[2] - k_d * d[2])
+        else:  # pt_y(m; m) = cos|m| m - |m| sin|m| y
+            tau_new = (cos * m[0] - theta * torch.sin(theta) * t.rinv, cos * m[1], cos * m[2])
+        rows = [P, t.G, T]
+        new_params.append(rs.combine(p_new, rows).reshape(p.shape).to(p.dtype))
+        new_bufs.append(rs.combine(tau_new, rows).reshape(buf.shape))
+    return new_params, new_bufs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,7 +84,12 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from .. import geometry
+from .._fused import FusedStep, ScalarSlots
+from ._row_sphere import combine as _rows_combine
 from ._row_sphere import keep_compute_dtype_state
+from ._row_sphere import quad as _rows_quad
+from ._row_sphere import row_gram as _rows_gram
+from ._rows import check_fused
 
 __all__ = ["SphereSGD", "sphere_sgd", "GRANULARITIES"]
 
@@ -120,6 +125,11 @@ class SphereSGD(Optimizer):
         scale_invariant: the default of the per-group ``"scale_invariant"`` flag.
         foreach: ``None`` picks the multi-tensor fast path when a group's tensors share device and
             dtype, ``True`` requires it, ``False`` uses the readable reference path.
+        fused: ``True`` runs each scale-invariant group's whole step as one compiled graph
+            (``torch.compile`` of :func:`sphere_sgd_fused_step`; compiled once per group, the ELR
+            enters as a tensor so schedules never recompile; see :attr:`fused_compiles`), and
+            the other groups with torch's fused SGD kernel. Where compiling is impossible it
+            warns once and runs the eager step. The state is the same as eager.
 
     Example::
 
@@ -141,7 +151,10 @@ class SphereSGD(Optimizer):
         radius: float | None = None,
         scale_invariant: bool = True,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
+        self._fused_step = FusedStep(sphere_sgd_fused_step, "SphereSGD")
+        self._scalars = ScalarSlots()
         defaults = dict(
             elr=elr,
             lr=lr,
@@ -152,6 +165,7 @@ class SphereSGD(Optimizer):
             radius=radius,
             scale_invariant=scale_invariant,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -209,6 +223,8 @@ class SphereSGD(Optimizer):
         foreach = group.get("foreach", self.defaults["foreach"])
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
+        fused = group.get("fused", self.defaults["fused"])
+        check_fused({"fused": fused, "foreach": foreach, "params": _param_list(group["params"])})
         super().add_param_group(group)
         added = self.param_groups[-1]
         if added["scale_invariant"] and added["radius"] is not None and added["params"]:
@@ -230,9 +246,22 @@ class SphereSGD(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._fused_step = FusedStep(sphere_sgd_fused_step, "SphereSGD")
+        self._scalars = ScalarSlots()
         for group in self.param_groups:
+            group.setdefault("fused", None)
             if group["scale_invariant"]:
                 group.setdefault(_ELR_SEEN, group["elr"])
+
+    @property
+    def fused_compiles(self) -> int:
+        """Graphs compiled so far for ``fused=True`` groups (one per scale-invariant group)."""
+        return self._fused_step.compiles
+
+    @property
+    def fused_compile_seconds(self) -> float:
+        """Wall time of the steps that compiled a fused graph."""
+        return self._fused_step.compile_seconds
 
     @staticmethod
     def _resolve_elr(group: dict[str, Any]) -> float:
@@ -250,11 +279,11 @@ class SphereSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if all(p.grad is None for p in group["params"]):
                 continue  # nothing to do (also: empty groups)
             if group["scale_invariant"]:
-                self._sphere_group_step(group)
+                self._sphere_group_step(index, group)
             else:
                 self._euclidean_group_step(group)
         return loss
@@ -302,7 +331,7 @@ class SphereSGD(Optimizer):
             # compute dtype: a bfloat16 radius would carry only 3 significant digits
             self.state[p]["radius"] = rho.detach().to(geometry.compute_dtype(p), copy=True)
 
-    def _sphere_group_step(self, group: dict[str, Any]) -> None:
+    def _sphere_group_step(self, index: int, group: dict[str, Any]) -> None:
         params = group["params"]
         elr = self._resolve_elr(group)
         if "radius" not in self.state[params[0]]:
@@ -328,6 +357,8 @@ class SphereSGD(Optimizer):
                     buf = buf.to(device=p.device, dtype=cdt)
                 state["momentum_buffer"] = buf
                 bufs.append(buf)
+        if group["fused"] and self._run_fused(index, group, grads, bufs, radii, elr):
+            return
         # the step is under no_grad: in-place updates of the (leaf) parameters are allowed
         sphere_sgd(
             params,
@@ -340,6 +371,31 @@ class SphereSGD(Optimizer):
             project_gradient=group["project_gradient"],
             foreach=group["foreach"],
         )
+
+    def _run_fused(self, index, group, grads, bufs, radii, elr: float) -> bool:
+        """One compiled step of scale-invariant group ``index``; False (after a one-line
+        warning) when compiling is impossible, and the caller runs the eager step."""
+        params = group["params"]
+        use_momentum = group["momentum"] > 0
+        device, cdt = params[0].device, geometry.compute_dtype(*params)
+        out = self._fused_step(
+            (index, group["granularity"], group["project_gradient"], use_momentum),
+            params,
+            grads,
+            bufs if use_momentum else [],
+            radii,
+            self._scalars.get("elr", elr, device, cdt),
+            self._scalars.get("momentum", group["momentum"], device, cdt),
+            granularity=group["granularity"],
+            project_gradient=group["project_gradient"],
+        )
+        if out is None:
+            return False
+        new_params, new_bufs = out
+        torch._foreach_copy_(params, new_params)
+        for p, buf in zip(params, new_bufs):
+            self.state[p]["momentum_buffer"] = buf
+        return True
 
     def _euclidean_group_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.SGD`` (momentum, L2 decay) via torch's functional; ``lr=0`` freezes."""
@@ -356,6 +412,7 @@ class SphereSGD(Optimizer):
             grads,
             bufs,
             foreach=group["foreach"],
+            fused=group["fused"],
             weight_decay=group["weight_decay"],
             momentum=momentum,
             lr=lr,
@@ -439,6 +496,88 @@ def sphere_sgd(
         granularity=granularity,
         project_gradient=project_gradient,
     )
+
+
+def _param_list(params) -> list[Tensor]:
+    return [params] if isinstance(params, Tensor) else list(params)
+
+
+def sphere_sgd_fused_step(
+    params, grads, momentum_buffers, radii, elr, momentum, *, granularity, project_gradient
+):
+    """The SphereSGD step as a **pure** function (new tensors out): what ``fused=True`` compiles.
+
+    The maths of :func:`_global_reference` / :func:`_rows_reference` in coefficient form on
+    ``(x, g, b)`` (point, gradient, momentum buffer): the direction is
+    ``d = mu b + g - (<x, mu b + g>/|x|^2) x`` with momentum (buffer kept tangent),
+    ``g - (<x, g>/|x|^2) x`` with ``project_gradient``, else ``g``; the moved point
+    ``u = x - elr rho^2 d`` goes back onto radius ``rho`` as ``rho u/|u|``. Every inner product is
+    one entry of the Gram matrix of ``(x, g, b)`` (joint sums over the group's tensors for
+    ``"global"``, where ``|x|^2`` is the measured joint norm; per row or tensor otherwise, where
+    ``|x|^2 = rho^2``), so each tensor is read once for the products and once for the outputs.
+    ``elr``/``momentum`` are 0-d tensors; an empty ``momentum_buffers`` means no momentum.
+    Returns ``(new params, new buffers)``.
+    """
+    use_momentum = len(momentum_buffers) > 0
+    if granularity == "global":
+        work = geometry.compute_dtype(*params)
+        rho = radii[0].to(work)
+        bufs = momentum_buffers if use_momentum else [None] * len(params)
+        vectors = [
+            [t.to(work) for t in (p, g, b) if t is not None] for p, g, b in zip(params, grads, bufs)
+        ]
+        # the joint Gram matrix: the sum of every tensor's (whole-tensor) Gram matrix
+        per_tensor = [_rows_gram([v.reshape(-1) for v in vs]) for vs in vectors]  # (1,)
+        n = len(vectors[0])
+        gram = [[sum(t[i][j] for t in per_tensor) for j in range(n)] for i in range(n)]
+        d, moved = _sphere_coefficients(
+            gram,
+            gram[0][0].clamp_min(geometry.tiny(work)),
+            elr * rho * rho,
+            momentum,
+            use_momentum,
+            project_gradient,
+        )
+        norm = _rows_quad(gram, moved, moved).clamp_min(0.0).sqrt()
+        scale = torch.where(norm > 0, rho / norm.clamp_min(geometry.tiny(work)), 1.0)
+        new_params = [
+            _rows_combine([scale * c for c in moved], vs).reshape(p.shape).to(p.dtype)
+            for p, vs in zip(params, vectors)
+        ]
+        new_bufs = [_rows_combine(d, vs) for vs in vectors] if use_momentum else []
+        return new_params, new_bufs
+    new_params, new_bufs = [], []
+    for i, (p, grad, rho) in enumerate(zip(params, grads, radii)):
+        work = geometry.compute_dtype(p)
+        vs = [_rows_of(p, granularity).to(work), _rows_of(grad, granularity).to(work)]
+        if use_momentum:
+            vs.append(_rows_of(momentum_buffers[i], granularity).to(work))
+        rho = rho.to(work).reshape(-1, 1)
+        gram = _rows_gram(vs)
+        d, moved = _sphere_coefficients(
+            gram, rho * rho, elr * rho * rho, momentum, use_momentum, project_gradient
+        )
+        norm = _rows_quad(gram, moved, moved).clamp_min(0.0).sqrt()
+        scale = rho / norm.clamp_min(geometry.tiny(work))
+        new_params.append(
+            _rows_combine([scale * c for c in moved], vs).reshape(p.shape).to(p.dtype)
+        )
+        if use_momentum:
+            new_bufs.append(_rows_combine(d, vs).reshape(momentum_buffers[i].shape))
+    return new_params, new_bufs
+
+
+def _sphere_coefficients(gram, xx, lr, momentum, use_momentum: bool, project_gradient: bool):
+    """Coefficients on ``(x, g[, b])`` of the direction ``d`` and of ``u = x - lr d``."""
+    if use_momentum:  # d = P_x(mu b + g)
+        coef = (momentum * gram[0][2] + gram[0][1]) / xx
+        d = (-coef, 1.0, momentum)
+    elif project_gradient:  # d = P_x(g)
+        d = (-gram[0][1] / xx, 1.0)
+    else:
+        d = (0.0, 1.0)
+    moved = (1.0 - lr * d[0], *(-lr * c for c in d[1:]))
+    return d, moved
 
 
 def _global_reference(params, grads, bufs, radii, *, elr, momentum, granularity, project_gradient):

@@ -57,6 +57,7 @@ def _defaults(lrg: float) -> dict:
         "overcomplete": "euclidean",  # p > n weights: euclidean (paper) | grassmann
         "jointly_invariant": "grassmann",  # residual-branch convs: grassmann (paper) | euclidean
         "probe_samples": 16,  # samples of the probe batch used to find the groups
+        "fused": False,  # True: one compiled graph per group step (torch.compile; opt-in)
     }
 
 
@@ -114,7 +115,11 @@ def riemannian_groups(model: nn.Module, options: dict, probe_batch) -> list[dict
 
 def build_sgdg(model: nn.Module, options: dict, context: BuildContext) -> torch.optim.Optimizer:
     """``optim=sgdg``: SGD-G on the manifold groups, SGD (+ Nesterov) elsewhere."""
-    return SGDG(riemannian_groups(model, options, context.probe_batch), lr=options["lr"])
+    return SGDG(
+        riemannian_groups(model, options, context.probe_batch),
+        lr=options["lr"],
+        fused=options["fused"] or None,
+    )
 
 
 def build_adamg(model: nn.Module, options: dict, context: BuildContext) -> torch.optim.Optimizer:
@@ -125,6 +130,7 @@ def build_adamg(model: nn.Module, options: dict, context: BuildContext) -> torch
         betas=(options["beta1"], options["beta2"]),
         eps=options["eps"],
         euclidean=options["euclidean"],
+        fused=options["fused"] or None,
     )
 
 

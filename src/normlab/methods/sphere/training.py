@@ -143,7 +143,9 @@ def build_sphere_optimizer(model: nn.Module, o: dict, context: BuildContext) -> 
                 "weight_decay": o["weight_decay_other"],
             }
         )
-    return SphereSGD(groups, momentum=o["momentum"], foreach=o["foreach"])
+    return SphereSGD(
+        groups, momentum=o["momentum"], foreach=o["foreach"], fused=o["fused"] or None
+    )
 
 
 SPHERE_SPEC = OptimizerSpec(
@@ -159,6 +161,7 @@ SPHERE_SPEC = OptimizerSpec(
         "weight_decay_other": 0.0,
         "si_params": "auto",
         "foreach": None,
+        "fused": False,
     },
     "SphereSGD: scale-invariant weights on one sphere at a fixed ELR (Kodryan et al. 2022)",
 )
