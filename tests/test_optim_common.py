@@ -377,8 +377,8 @@ SPHERE_INFO = OptimizerInfo(
     invariant="radii",
     manifold_none_grad="zero",
     rich="tensor-momentum-project",
-    # float64 as tight as the old per-option comparison (rtol 1e-13, atol 1e-14 over 4 steps)
-    tol={F64: 1e-13, F32: 1e-5},
+    # float64: tighter than rtol 1e-13 + atol 1e-14 (measured: 2e-15 after 60 steps)
+    tol={F64: 1e-14, F32: 1e-5},
 )
 
 OPTIMIZERS = (SGDG_INFO, ADAMG_INFO, ADAMG_ADAM_INFO, SPHERE_INFO)
@@ -392,17 +392,17 @@ OPTIMIZERS = (SGDG_INFO, ADAMG_INFO, ADAMG_ADAM_INFO, SPHERE_INFO)
 def _cases(*, inputs: str = "all", impls: str = "all", extra=((None, ""),)):
     """pytest params over the table: ``(info, input, impl, extra)`` with readable ids.
 
-    ``inputs``: "all" option sets or the entry's "rich" one; ``impls``: "all", "fast" (all but
-    the reference) or "none" (tests of construction only); ``extra``: (value, id) pairs.
+    ``inputs``: "all" option sets or the entry's "rich" one; ``impls``: "all" or "fast" (all
+    but the reference); ``extra``: (value, id) pairs, one case each.
     """
     cases = []
     for info in OPTIMIZERS:
         chosen = info.inputs if inputs == "all" else (info.input(info.rich),)
-        impl_list = {"all": info.impls, "fast": info.impls[1:], "none": (None,)}[impls]
+        impl_list = {"all": info.impls, "fast": info.impls[1:]}[impls]
         for inp in chosen:
             for impl in impl_list:
                 for value, tag in extra:
-                    parts = [info.name, inp.desc] + ([impl.name] if impl else []) + [tag]
+                    parts = [info.name, inp.desc, impl.name, tag]
                     cases.append(
                         pytest.param(info, inp, impl, value, id="-".join(p for p in parts if p))
                     )
@@ -688,6 +688,9 @@ def test_state_dict_round_trip_is_bit_exact(info, inp, impl, _):
     assert _hyper(resumed) == _hyper(opt)
 
 
+RESUME_AT, RESUME_STEPS = 5, 20
+
+
 @pytest.mark.parametrize(
     "info,inp,impl,dtype",
     _cases(extra=((BF16, "bf16"), (F16, "f16"), (F32, "f32"))),
@@ -699,12 +702,12 @@ def test_resume_equals_uninterrupted(info, inp, impl, dtype, tmp_path):
     model = TinyModel(info, 1, dtype)
     opt = build(info, inp, impl, model)
     start = _spheres(info, opt)
-    train(model, opt, range(3))
+    train(model, opt, range(RESUME_AT))
     check_state_dtypes(info, opt)
     checkpoint = {"model": model.state_dict(), "opt": opt.state_dict()}
     in_memory = copy.deepcopy(checkpoint)
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    losses = train(model, opt, range(3, 8))
+    losses = train(model, opt, range(RESUME_AT, RESUME_STEPS))
     check_invariants(info, opt, start, _rtol(dtype))
     for source in ("state_dict", "file"):
         saved = in_memory if source == "state_dict" else torch.load(tmp_path / "checkpoint.pt")
@@ -713,7 +716,7 @@ def test_resume_equals_uninterrupted(info, inp, impl, dtype, tmp_path):
         fresh.load_state_dict(saved["model"])
         resumed.load_state_dict(saved["opt"])
         check_state_dtypes(info, resumed)
-        assert train(fresh, resumed, range(3, 8)) == losses, source
+        assert train(fresh, resumed, range(RESUME_AT, RESUME_STEPS)) == losses, source
         assert_same_state(opt, resumed)
 
 
@@ -867,9 +870,9 @@ def test_lr_scheduler_reaches_the_step_and_keeps_the_state(info, inp, impl, make
         set_loss_grads(constant_model, step)
         constant.step()
     assert_same_state(opt, by_hand)
-    assert any(
-        not torch.equal(a, b) for a, b in zip(model.parameters(), constant_model.parameters())
-    )
+    for g_sched, g_const in zip(opt.param_groups, constant.param_groups):  # every group's
+        pairs = zip(g_sched["params"], g_const["params"])
+        assert any(not torch.equal(a, b) for a, b in pairs)
     for p in _all_params(opt):  # the state lived through every lr change
         if "step" in opt.state.get(p, {}):
             assert opt.state[p]["step"].item() == SCHED_STEPS
@@ -916,6 +919,7 @@ def test_bad_hyper_parameters_raise(info, err):
 def test_deepcopy_and_pickle_continue_identically(info, inp, impl, _):
     model = TinyModel(info, 7)
     opt = build(info, inp, impl, model)
+    start = _spheres(info, opt)
     for step in range(3):
         set_random_grads(_all_params(opt), 7, step)
         opt.step()
@@ -932,6 +936,7 @@ def test_deepcopy_and_pickle_continue_identically(info, inp, impl, _):
             set_random_grads(_all_params(clone), 7, step)
             clone.step()
         assert_same_state(opt, clone)
+        check_invariants(info, clone, start, _rtol(F32))
 
 
 @pytest.mark.parametrize("info,inp,impl,_", _cases(inputs="rich"))
