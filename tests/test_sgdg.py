@@ -1,6 +1,8 @@
-"""Tests of normlab.optim.SGDG against an independent float64 transcription of Algorithm 1."""
+"""Tests of normlab.optim.SGDG against an independent float64 transcription of Algorithm 1.
 
-import copy
+The generic optimizer tests (fast vs reference path, state_dict and resume, None grads,
+schedulers, bad hyper-parameters, copies, closures) are table-driven in tests/test_optim_common.py.
+"""
 
 import pytest
 import torch
@@ -102,23 +104,6 @@ def test_matches_paper_equations(variant, foreach):
     for p, w, t in zip(params, W, taus):
         torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], t, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_fast_path_equals_reference(seed, variant):
-    pa, ref = _make(SHAPES, seed, variant, foreach=False, lr=0.3)
-    pb, fast = _make(SHAPES, seed, variant, foreach=True, lr=0.3)
-    for step in range(8):
-        for a, b, g in zip(pa, pb, _grads(SHAPES, 1000 * seed + step)):
-            a.grad, b.grad = g.clone(), g.clone()
-        ref.step()
-        fast.step()
-    for a, b in zip(pa, pb):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-        torch.testing.assert_close(
-            ref.state[a]["momentum_buffer"], fast.state[b]["momentum_buffer"], rtol=0, atol=1e-10
-        )
 
 
 def test_first_step_is_a_clipped_geodesic_step():
@@ -308,58 +293,9 @@ def test_constructor_omega_is_honoured():
     torch.testing.assert_close(w.detach(), ctor, rtol=0, atol=0)
 
 
-def test_grad_is_never_modified():
-    model = _bn_model(3)
-    opt = SGDG(_paper_groups(model, omega=0.1, grad_clip=0.1), weight_decay=5e-4)
-    x = torch.randn(8, 6, dtype=F64)
-    model(x).square().sum().backward()
-    before = [p.grad.clone() for p in model.parameters()]
-    opt.step()
-    for p, g in zip(model.parameters(), before):
-        assert torch.equal(p.grad, g)
-
-
-def test_closure_loss_is_returned():
-    w = torch.nn.Parameter(_unit_rows((3, 4), 0))
-    opt = SGDG([w], lr=0.1, grassmann=True)
-
-    def closure():
-        opt.zero_grad()
-        loss = (w * torch.arange(12.0, dtype=F64).view(3, 4)).sum()
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
-    assert (
-        isinstance(loss, torch.Tensor) and loss.requires_grad is False or loss.grad_fn is not None
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # state, schedulers, grads
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("foreach", [False, True])
-def test_state_dict_round_trip_continues_identically(foreach):
-    model = _bn_model(4)
-    opt = SGDG(_paper_groups(model, omega=0.1, grad_clip=0.1), foreach=foreach)
-    _train(model, opt, 5, seed=1)
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    losses_a = _train(model, opt, 5, seed=2)
-
-    # resume in the usual order: build model and optimizer, then load both checkpoints (building
-    # the optimizer after loading would re-normalize the rows, a change at the ulp level)
-    model_b = _bn_model(99)
-    opt_b = SGDG(_paper_groups(model_b), foreach=foreach)  # hyper-parameters come from the dict
-    model_b.load_state_dict(saved_model)
-    opt_b.load_state_dict(saved_opt)
-    assert opt_b.param_groups[0]["omega"] == 0.1
-    losses_b = _train(model_b, opt_b, 5, seed=2)
-    assert losses_a == losses_b
-    for pa, pb in zip(model.parameters(), model_b.parameters()):
-        assert torch.equal(pa, pb)
 
 
 def test_lr_scheduler_composes_and_never_resets_state():
@@ -393,21 +329,6 @@ def test_lr_scheduler_composes_and_never_resets_state():
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_none_grads_are_skipped_and_zero_grads_are_safe(foreach):
-    a = torch.nn.Parameter(_unit_rows((3, 4), 0))
-    b = torch.nn.Parameter(_unit_rows((2, 5), 1))
-    opt = SGDG(
-        [a, b], lr=0.1, momentum=0.9, grassmann=True, grad_clip=0.1, omega=0.1, foreach=foreach
-    )
-    b0 = b.detach().clone()
-    a.grad = torch.zeros_like(a)
-    opt.step()
-    assert b not in opt.state and torch.equal(b.detach(), b0)
-    assert torch.isfinite(a).all()
-    torch.testing.assert_close(_row_norms(a), torch.ones(3, dtype=F64))
-
-
-@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16])
 def test_zero_rows_stay_zero_without_nan(foreach, dtype):
     w = _unit_rows((4, 6), 0, dtype=dtype)
@@ -420,24 +341,6 @@ def test_zero_rows_stay_zero_without_nan(foreach, dtype):
     assert torch.isfinite(w).all()
     assert (w.detach()[2] == 0).all()
     assert torch.isfinite(opt.state[w]["momentum_buffer"]).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("foreach", [False, True])
-def test_low_precision_params(dtype, foreach):
-    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3).to(dtype))
-    opt = SGDG([w], lr=0.2, momentum=0.9, grassmann=True, grad_clip=0.1, omega=0.1, foreach=foreach)
-    for _step in range(20):
-        w.grad = torch.randn_like(w)
-        opt.step()
-    assert w.dtype == dtype and torch.isfinite(w).all()
-    assert (_row_norms(w) - 1).abs().max() < 1e-2
-    assert opt.state[w]["momentum_buffer"].dtype == torch.float32
-    # the float32 state survives a state_dict round trip (torch would cast it to the param dtype)
-    opt2 = SGDG([w], lr=0.2, momentum=0.9, grassmann=True)
-    opt2.load_state_dict(opt.state_dict())
-    assert opt2.state[w]["momentum_buffer"].dtype == torch.float32
-    torch.testing.assert_close(opt2.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])
 
 
 def test_low_precision_fast_path_equals_reference():
@@ -488,40 +391,6 @@ def test_non_contiguous_parameter_view():
     torch.testing.assert_close(_row_norms(w), torch.ones(9, dtype=F64))
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(lr=-0.1),
-        dict(lr=0.1, momentum=-0.5),
-        dict(lr=0.1, momentum=1.0),
-        dict(lr=0.1, weight_decay=-1e-4),
-        dict(lr=0.1, omega=-0.1),
-        dict(lr=0.1, grad_clip=0.0),
-        dict(lr=0.1, grad_clip=-1.0),
-        dict(lr=0.1, nesterov=True),
-        dict(lr=0.1, grassmann="yes"),
-        dict(lr=0.1, ortho_dtype="bfloat16"),
-        dict(lr=0.1, ortho_dtype=torch.int8),
-        dict(lr=float("nan")),
-    ],
-)
-def test_bad_hyper_parameters_raise(kwargs):
-    with pytest.raises(ValueError, match="Invalid"):
-        SGDG([torch.nn.Parameter(torch.randn(3, 4))], **kwargs)
-
-
-def test_bad_group_value_raises_and_missing_lr():
-    w = torch.nn.Parameter(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="Invalid"):
-        SGDG([{"params": [w], "lr": 0.1, "grad_clip": -2.0}])
-    with pytest.raises(ValueError):
-        SGDG([w])  # no learning rate anywhere
-    opt = SGDG([w], lr=0.1)
-    with pytest.raises(ValueError, match="Invalid"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "omega": -1.0})
-    assert len(opt.param_groups) == 1
-
-
 # ----------------------------------------------------------------------------------------------
 # a problem with a known answer
 # ----------------------------------------------------------------------------------------------
@@ -560,18 +429,3 @@ def test_bfloat16_ortho_products_approximate_the_exact_term(foreach):
         moved[dtype] = w.detach() - w0
     err = (moved[torch.bfloat16] - moved[None]).norm() / moved[None].norm()
     assert 0 < err < 2e-2
-
-
-def test_pickle_and_deepcopy_keep_working():
-    import pickle
-
-    w = torch.nn.Parameter(_unit_rows((4, 9), 0))
-    opt = SGDG([w], lr=0.1, momentum=0.9, grassmann=True, omega=0.1)
-    w.grad = torch.randn(4, 9, dtype=F64)
-    opt.step()
-    for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
-        assert clone.param_groups[0]["omega"] == 0.1
-        p = clone.param_groups[0]["params"][0]
-        p.grad = torch.randn(4, 9, dtype=F64)
-        clone.step()
-        torch.testing.assert_close(_row_norms(p), torch.ones(4, dtype=F64))

@@ -1,9 +1,12 @@
-"""SphereSGD: sphere invariants, hand-written float64 references, fast vs reference path, groups."""
+"""SphereSGD: sphere invariants, hand-written float64 references, geometry of a step, groups.
+
+The generic optimizer tests (fast vs reference path, state_dict and resume, None grads,
+schedulers, bad hyper-parameters, copies, closures) are table-driven in tests/test_optim_common.py.
+"""
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import numpy as np
@@ -195,32 +198,6 @@ def test_steps_match_hand_written_formula(granularity, momentum, project, foreac
     np.testing.assert_allclose(_flat(params, granularity), expected, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("momentum", [0.0, 0.5])
-@pytest.mark.parametrize("project", [False, True])
-def test_fast_path_matches_reference_path_float64(granularity, momentum, project):
-    for seed in range(3):
-        runs = []
-        for foreach in (False, True):
-            params = _params(seed)
-            opt = SphereSGD(
-                params,
-                elr=0.02,
-                momentum=momentum,
-                granularity=granularity,
-                project_gradient=project,
-                foreach=foreach,
-            )
-            for step in range(4):
-                _set_grads(params, 10 * seed + step)
-                if step == 2:
-                    params[1].grad = None  # a missing gradient counts as zero
-                opt.step()
-            runs.append([p.detach().clone() for p in params])
-        for a, b in zip(*runs):
-            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
-
-
 # ------------------------------------------------------------------------------------------------
 # geometry of a step
 # ------------------------------------------------------------------------------------------------
@@ -359,82 +336,9 @@ def test_setting_elr_directly_is_used():
     np.testing.assert_allclose(_flat(params, "global"), before, rtol=1e-14)
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_state_dict_round_trip(granularity):
-    params = _params(0)
-    opt = SphereSGD(params, elr=0.05, momentum=0.9, granularity=granularity, radius=3.0)
-    for step in range(3):
-        _set_grads(params, step)
-        opt.step()
-    saved_params = [p.detach().clone() for p in params]
-    saved_state = copy.deepcopy(opt.state_dict())
-    for step in range(3, 6):
-        _set_grads(params, step)
-        opt.step()
-    expected = [p.detach().clone() for p in params]
-
-    clones = [torch.nn.Parameter(p.clone()) for p in saved_params]
-    other = SphereSGD(clones, elr=1.0, granularity="global")  # hyper-params come from the state
-    other.load_state_dict(saved_state)
-    assert other.param_groups[0]["granularity"] == granularity
-    for step in range(3, 6):
-        _set_grads(clones, step)
-        other.step()
-    for a, b in zip(clones, expected):
-        torch.testing.assert_close(a.detach(), b, rtol=1e-14, atol=1e-14)
-
-
-def test_closure_loss_is_returned_and_grads_are_not_modified():
-    params = _params(0)
-    opt = SphereSGD(params, elr=0.01, momentum=0.5, project_gradient=True)
-
-    def closure():
-        opt.zero_grad()
-        loss = _si_loss(params)
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
-    assert torch.is_tensor(loss)
-    _set_grads(params, 3)
-    grads = [p.grad.clone() for p in params]
-    opt.step()
-    for p, g in zip(params, grads):
-        assert torch.equal(p.grad, g)
-
-
-def test_all_none_grads_is_a_no_op():
-    params = _params(0)
-    before = [p.detach().clone() for p in params]
-    opt = SphereSGD(params, elr=0.1)
-    opt.step()
-    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
-
-
 # ------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(elr=-1.0),
-        dict(elr=float("nan")),
-        dict(elr=None),
-        dict(elr=0.1, momentum=1.0),
-        dict(elr=0.1, momentum=-0.1),
-        dict(elr=0.1, granularity="filter"),
-        dict(elr=0.1, radius=0.0),
-        dict(elr=0.1, radius=-2.0),
-        dict(elr=0.1, weight_decay=1e-4),
-        dict(elr=0.1, project_gradient="yes"),
-        dict(elr=0.1, foreach="fast"),
-    ],
-)
-def test_bad_hyper_parameters_raise(kwargs):
-    with pytest.raises(ValueError, match="Invalid"):
-        SphereSGD(_params(0), **kwargs)
 
 
 def test_bad_groups_raise():
@@ -465,8 +369,3 @@ def test_zero_point_and_mixed_dtypes_raise():
     with pytest.raises(ValueError, match="foreach=True"):
         SphereSGD(mixed, elr=0.1, foreach=True).step()
     SphereSGD(mixed, elr=0.1).step()  # None picks the reference path
-
-
-def test_every_combination_constructs():
-    for gran, mom, proj in itertools.product(GRANULARITIES, (0.0, 0.5), (False, True)):
-        SphereSGD(_params(0), elr=0.1, momentum=mom, granularity=gran, project_gradient=proj)

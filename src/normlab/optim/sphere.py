@@ -95,6 +95,8 @@ __all__ = ["SphereSGD", "sphere_sgd", "GRANULARITIES"]
 
 GRANULARITIES = ("global", "tensor", "row")
 _ELR_SEEN = "_elr_seen"  # private group key: the ELR of the last step (tells which alias changed)
+#: group keys accepted besides the defaults: torch's, the pipeline's (normlab.methods.sphere)
+_EXTRA_GROUP_KEYS = ("params", "name", "initial_lr", "geometry", _ELR_SEEN)
 
 
 def _is_number(value: Any) -> bool:
@@ -171,6 +173,13 @@ class SphereSGD(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
+        valid = sorted({*self.defaults, *_EXTRA_GROUP_KEYS} - {_ELR_SEEN})
+        unknown = sorted(set(group) - set(valid) - {_ELR_SEEN})
+        if unknown:  # a misspelt key (e.g. "granularty") would silently fall back to the default
+            raise ValueError(
+                f"Invalid parameter group key(s) {unknown} for SphereSGD; valid keys: "
+                f"{', '.join(valid)}"
+            )
         si = group.get("scale_invariant", self.defaults["scale_invariant"])
         if not isinstance(si, bool):
             raise ValueError(f"Invalid scale_invariant: {si!r} (must be a bool)")
