@@ -140,9 +140,11 @@ def run(args) -> list[dict]:
 
         cases = []
         for gran in ("global", "tensor", "row"):
-            sphere_params = _params(si_shapes, device, 0)
-            sphere = SphereSGD(sphere_params, elr=1e-3, granularity=gran)
-            cases.append((f"si/{gran}", sphere, baselines(_params(si_shapes, device, 0))))
+            for fused in (None, True):
+                sphere_params = _params(si_shapes, device, 0)
+                sphere = SphereSGD(sphere_params, elr=1e-3, granularity=gran, fused=fused)
+                label = f"si/{gran}" + (" fused" if fused else "")
+                cases.append((label, sphere, baselines(_params(si_shapes, device, 0))))
         full_si, full_other = _params(si_shapes, device, 0), _params(other_shapes, device, 1)
         full = SphereSGD(
             [
@@ -153,6 +155,17 @@ def run(args) -> list[dict]:
         )
         all_params = _params(si_shapes, device, 0) + _params(other_shapes, device, 1)
         cases.append(("full/global", full, baselines(all_params)))
+        fused_si, fused_other = _params(si_shapes, device, 0), _params(other_shapes, device, 1)
+        full_fused = SphereSGD(
+            [
+                {"params": fused_si},
+                {"params": fused_other, "scale_invariant": False, "lr": 0.1, "weight_decay": 5e-4},
+            ],
+            elr=1e-3,
+            fused=True,
+        )
+        all_params = _params(si_shapes, device, 0) + _params(other_shapes, device, 1)
+        cases.append(("full/global fused", full_fused, baselines(all_params)))
 
         for label, sphere, bases in cases:
             for base_name, base in bases.items():
@@ -169,8 +182,14 @@ def run(args) -> list[dict]:
                 )
                 results.append(row)
                 print(
-                    f"  {label:12s} vs {base_name:12s}: {ratio:5.2f}x  "
+                    f"  {label:18s} vs {base_name:12s}: {ratio:5.2f}x  "
                     f"({tc * 1e6:8.0f} us vs {tb * 1e6:8.0f} us)"
+                )
+        for label, sphere, _ in cases:
+            if sphere.fused_compiles:
+                print(
+                    f"  compile: {label}: {sphere.fused_compiles} graph(s), "
+                    f"{sphere.fused_compile_seconds:.1f} s (once, in the warm-up)"
                 )
 
         # tracker overhead relative to one global SphereSGD step on the SI set

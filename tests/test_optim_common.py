@@ -48,10 +48,14 @@ class Impl:
     kwargs: dict
     #: looser tolerances of this implementation vs the reference (dtype -> atol), if it needs any
     tol: dict = field(default_factory=dict)
+    #: run with the entry's rich option set only (each option set of a compiled implementation
+    #: costs an inductor compile; tests/test_optim_fused.py covers every option set of it)
+    rich_only: bool = False
 
 
 REFERENCE = Impl("ref", {"foreach": False})  # the readable single-tensor path: the ground truth
 FOREACH = Impl("foreach", {"foreach": None})  # the fast path (multi-tensor, fused row maths)
+FUSED = Impl("fused", {"fused": True}, rich_only=True)  # one compiled graph per group step
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class OptimizerInfo:
     errors: tuple[ErrorInput, ...]
     manifold_shapes: tuple[tuple[int, ...], ...]
     euclid_shapes: tuple[tuple[int, ...], ...]
-    impls: tuple[Impl, ...] = (REFERENCE, FOREACH)
+    impls: tuple[Impl, ...] = (REFERENCE, FOREACH, FUSED)
     #: "rows": the manifold rows are unit vectors; "radii": SphereSGD's spheres keep their radius
     invariant: str = "rows"
     #: state keys of a manifold parameter that are tangent vectors at its (new) point
@@ -401,6 +405,8 @@ def _cases(*, inputs: str = "all", impls: str = "all", extra=((None, ""),)):
         impl_list = {"all": info.impls, "fast": info.impls[1:]}[impls]
         for inp in chosen:
             for impl in impl_list:
+                if impl.rich_only and inp.desc != info.rich:
+                    continue
                 for value, tag in extra:
                     parts = [info.name, inp.desc, impl.name, tag]
                     cases.append(

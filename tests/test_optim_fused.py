@@ -286,3 +286,24 @@ def test_a_fused_optimizer_deepcopies_and_pickles_after_steps():
 def test_bad_fused_values_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
         make([torch.randn(4, 3, requires_grad=True)])
+
+
+def test_fused_euclidean_tensor_whose_first_gradient_comes_late_equals_torch():
+    """torch's fused SGD refuses a mix of tensors with and without momentum buffers; normlab
+    splits such a step, and the result is torch.optim.SGD's (unfused)."""
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    ours = [w.clone().requires_grad_() for w in ws]
+    theirs = [w.clone().requires_grad_() for w in ws]
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3)
+    oa, ob = SGDG(ours, fused=True, **kw), torch.optim.SGD(theirs, **kw)
+    for step in range(6):
+        for a, b, k in zip(ours, theirs, range(2)):
+            g = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+            a.grad = b.grad = None
+            if k == 0 or step >= 3:  # the second tensor gets its first gradient at step 3
+                a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

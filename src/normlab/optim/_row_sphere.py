@@ -281,6 +281,32 @@ def keep_compute_dtype_state(
                 opt.state[p][key] = value.to(device=p.device, dtype=cdt, copy=True)
 
 
+def euclidean_sgd(state: dict, params: list[Tensor], grads: list[Tensor], **options) -> None:
+    """``torch.optim.SGD``'s step on ``params`` through torch's functional ``sgd``, with the
+    momentum buffers kept in ``state[p]["momentum_buffer"]``.
+
+    torch's fused kernel (``fused=True``) takes either no momentum buffer at all (a first step)
+    or one for every tensor; a tensor that gets its first gradient later (a frozen layer
+    unfrozen, a branch not used at first) would make a mixed list, which it refuses. Such a step
+    is run as two calls: the tensors with buffers, then those without (their first step).
+    """
+    bufs = [state[p].get("momentum_buffer") for p in params]
+    parts = [list(range(len(params)))]
+    if options.get("fused") and any(b is None for b in bufs) and any(b is not None for b in bufs):
+        parts = [
+            [i for i, b in enumerate(bufs) if b is not None],
+            [i for i, b in enumerate(bufs) if b is None],
+        ]
+    for idx in parts:
+        part_bufs = [bufs[i] for i in idx]
+        _torch_sgd(
+            [params[i] for i in idx], [grads[i] for i in idx], part_bufs, maximize=False, **options
+        )
+        if options["momentum"] != 0:
+            for i, buf in zip(idx, part_bufs):
+                state[params[i]]["momentum_buffer"] = buf
+
+
 # ----------------------------------------------------------------------------------------------
 # the optimizer base
 # ----------------------------------------------------------------------------------------------
@@ -504,24 +530,18 @@ class RowSphereOptimizer(Optimizer):
 
     def _euclidean_sgd(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         """``torch.optim.SGD`` (L2 decay, momentum, dampening, Nesterov) via torch's functional."""
-        momentum = _rows.as_float(group["momentum"])
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        _torch_sgd(
+        euclidean_sgd(
+            self.state,
             params,
             grads,
-            bufs,
             foreach=group["foreach"],
             fused=group["fused"],
             weight_decay=_rows.as_float(group["weight_decay"]),
-            momentum=momentum,
+            momentum=_rows.as_float(group["momentum"]),
             lr=_rows.as_float(group["lr"]),
             dampening=_rows.as_float(group["dampening"]),
             nesterov=group["nesterov"],
-            maximize=False,
         )
-        if momentum != 0:
-            for p, buf in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = buf
 
     def _euclidean_adam(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         """``torch.optim.Adam`` (L2 decay, not decoupled) via torch's functional."""

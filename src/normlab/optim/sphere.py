@@ -81,12 +81,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.sgd import sgd as _torch_sgd
 
 from .. import geometry
 from .._fused import FusedStep, ScalarSlots
 from ._row_sphere import combine as _rows_combine
-from ._row_sphere import keep_compute_dtype_state
+from ._row_sphere import euclidean_sgd, keep_compute_dtype_state
 from ._row_sphere import quad as _rows_quad
 from ._row_sphere import row_gram as _rows_gram
 from ._rows import check_fused
@@ -415,11 +414,10 @@ class SphereSGD(Optimizer):
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("SphereSGD does not support sparse gradients")
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        _torch_sgd(
+        euclidean_sgd(
+            self.state,
             params,
             grads,
-            bufs,
             foreach=group["foreach"],
             fused=group["fused"],
             weight_decay=group["weight_decay"],
@@ -427,11 +425,7 @@ class SphereSGD(Optimizer):
             lr=lr,
             dampening=0.0,
             nesterov=False,
-            maximize=False,
         )
-        if momentum > 0:
-            for p, buf in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = buf
 
 
 # ------------------------------------------------------------------------------------------------
