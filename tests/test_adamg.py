@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from normlab.optim import AdamG
+from row_sphere_helpers import bn_model as _bn_model
+from row_sphere_helpers import random_grads as _grads
+from row_sphere_helpers import train as _train
 
 F64 = torch.float64
 
@@ -58,15 +61,6 @@ def _unit_rows(shape, seed, dtype=F64):
     return (rows / rows.norm(dim=1, keepdim=True)).reshape(shape)
 
 
-def _row_norms(p):
-    return p.detach().reshape(p.shape[0] if p.dim() > 1 else 1, -1).double().norm(dim=1)
-
-
-def _grads(shapes, seed, scale=1.0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return [scale * torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-
-
 SHAPES = [(8, 3, 3, 3), (16, 8, 3, 3), (5, 7), (6,), (20, 4)]
 VARIANTS = [
     dict(),
@@ -80,98 +74,6 @@ VARIANTS = [
 def _make(shapes, seed, variant, foreach, lr=0.05):
     params = [torch.nn.Parameter(_unit_rows(s, seed + k)) for k, s in enumerate(shapes)]
     return params, AdamG([dict(params=params, lr=lr, grassmann=True, **variant)], foreach=foreach)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("foreach", [False, True])
-def test_matches_paper_equations(variant, foreach):
-    params, opt = _make(SHAPES, 0, variant, foreach)
-    W = [p.detach().clone() for p in params]
-    ms = [torch.zeros_like(w) for w in W]
-    vs = [torch.zeros(w.shape[0] if w.dim() > 1 else 1, 1, dtype=F64) for w in W]
-    for step in range(1, 6):
-        grads = _grads(SHAPES, 100 + step, scale=0.3)
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        for k, g in enumerate(grads):
-            W[k], ms[k], vs[k] = paper_adamg_step(W[k], g, ms[k], vs[k], step, lr=0.05, **variant)
-    for k, p in enumerate(params):
-        st = opt.state[p]
-        torch.testing.assert_close(p.detach(), W[k], rtol=0, atol=1e-12)
-        torch.testing.assert_close(st["exp_avg"], ms[k], rtol=0, atol=1e-12)
-        torch.testing.assert_close(st["exp_avg_sq"], vs[k], rtol=0, atol=1e-14)
-        assert st["exp_avg_sq"].shape == (W[k].shape[0] if W[k].dim() > 1 else 1, 1)  # per row
-        assert st["step"].item() == 5
-
-
-def test_direction_is_not_reweighted_per_coordinate():
-    # first step, one row: the move is exactly along -h (Adam would rescale coordinates)
-    w = torch.nn.Parameter(torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=F64))
-    opt = AdamG([w], lr=0.01, grassmann=True)
-    w.grad = torch.tensor([[5.0, 1e-3, -2.0, 0.0]], dtype=F64)
-    opt.step()
-    move = w.detach()[0, 1:]
-    h = torch.tensor([1e-3, -2.0, 0.0], dtype=F64)
-    torch.testing.assert_close(move / move.norm(), -h / h.norm())
-    # step length: lr * sqrt(1-b2)/(1-b1) * (1-b1)|h| / sqrt((1-b2)|h|^2 + eps) ~= lr
-    assert math.asin(move.norm().item()) == pytest.approx(0.01, rel=1e-6)
-
-
-@pytest.mark.slow
-def test_rows_stay_on_sphere_for_10000_steps():
-    params = [torch.nn.Parameter(_unit_rows((5, 2, 2, 2), 0, dtype=torch.float32))]
-    opt = AdamG([dict(params=params, lr=0.2, omega=0.1, grad_clip=0.5, grassmann=True)])
-    grads = torch.randn(10_000, 5, 2, 2, 2, generator=torch.Generator().manual_seed(0))
-    p = params[0]
-    for t in range(10_000):
-        p.grad = grads[t]
-        opt.step()
-    assert (_row_norms(p) - 1).abs().max() < 1e-6
-    m = opt.state[p]["exp_avg"].reshape(5, -1).double()
-    y = p.detach().reshape(5, -1).double()
-    assert ((m * y).sum(1).abs() / m.norm(dim=1)).max() < 1e-5  # first moment stays tangent
-
-
-# ----------------------------------------------------------------------------------------------
-# Euclidean groups, state, schedulers
-# ----------------------------------------------------------------------------------------------
-
-
-def _bn_model(seed):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
-    ).double()
-
-
-def _train(model, opt, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(16, 6, generator=gen, dtype=F64)
-        y = torch.randint(0, 3, (16,), generator=gen)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def _paper_groups(model, **manifold):
-    lin1, bn, _, lin2 = model
-    return [
-        dict(params=[lin1.weight], lr=0.05, momentum=0.9, grassmann=True, **manifold),
-        dict(
-            params=[bn.weight, bn.bias, lin1.bias, lin2.bias],
-            lr=0.01,
-            momentum=0.9,
-            nesterov=True,
-            weight_decay=0.0,
-        ),
-        dict(params=[lin2.weight], lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4),
-    ]
 
 
 def test_euclidean_groups_equal_torch_sgd_and_adam():
@@ -191,48 +93,6 @@ def test_euclidean_groups_equal_torch_sgd_and_adam():
     _train(b, torch.optim.Adam(b.parameters(), lr=0.01, betas=(0.9, 0.99), weight_decay=5e-4), 6)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-14)
-
-
-def test_seed_parameter_groups_work_unchanged():
-    model = _bn_model(2)
-    lin1, bn, _, lin2 = model
-    dict_g = {
-        "params": [lin1.weight],
-        "lr": 0.05,
-        "momentum": 0.9,
-        "grassmann": True,
-        "omega": 0.1,
-        "grad_clip": 0.1,
-    }
-    dict_e0 = {
-        "params": [bn.weight, bn.bias, lin1.bias, lin2.bias],
-        "lr": 0.01,
-        "momentum": 0.9,
-        "grassmann": False,
-        "weight_decay": 0.0,
-        "nesterov": True,
-    }
-    dict_e1 = {
-        "params": [lin2.weight],
-        "lr": 0.01,
-        "momentum": 0.9,
-        "grassmann": False,
-        "weight_decay": 5e-4,
-        "nesterov": True,
-    }
-    opt = AdamG([dict_g, dict_e0, dict_e1])
-    losses = _train(model, opt, 30)
-    assert losses[-1] < losses[0]
-    torch.testing.assert_close(_row_norms(lin1.weight), torch.ones(5, dtype=F64))
-
-
-def test_trajectory_invariant_to_prescaling_bn_fed_weights():
-    base, scaled = _bn_model(0), _bn_model(0)
-    with torch.no_grad():
-        scaled[0].weight.mul_(42.0)
-    la = _train(base, AdamG(_paper_groups(base, omega=0.1, grad_clip=0.1)), 10)
-    lb = _train(scaled, AdamG(_paper_groups(scaled, omega=0.1, grad_clip=0.1)), 10)
-    assert la == pytest.approx(lb, abs=1e-10)
 
 
 def test_lr_scheduler_keeps_moments_and_step_count():

@@ -7,7 +7,12 @@ schedulers, bad hyper-parameters, copies, closures) are table-driven in tests/te
 import pytest
 import torch
 
-from normlab.optim import SGDG
+from normlab.optim import SGDG, AdamG
+from row_sphere_helpers import bn_model as _bn_model
+from row_sphere_helpers import paper_groups, seed_groups
+from row_sphere_helpers import random_grads as _grads
+from row_sphere_helpers import row_norms as _row_norms
+from row_sphere_helpers import train as _train
 
 # an independent reference (the test extra installs it); skipped with the reason if absent
 geoopt = pytest.importorskip("geoopt", reason="geoopt (test extra) is not installed")
@@ -56,15 +61,6 @@ def _unit_rows(shape, seed, dtype=F64):
     return (rows / rows.norm(dim=1, keepdim=True)).reshape(shape)
 
 
-def _row_norms(p):
-    return p.detach().reshape(p.shape[0] if p.dim() > 1 else 1, -1).double().norm(dim=1)
-
-
-def _grads(shapes, seed, scale=1.0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return [scale * torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-
-
 SHAPES = [(8, 3, 3, 3), (16, 8, 3, 3), (5, 7), (6,), (20, 4), (3, 2, 1, 1)]
 VARIANTS = [
     dict(momentum=0.9),
@@ -88,135 +84,14 @@ def _make(shapes, seed, variant, foreach, lr=0.2):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("foreach", [False, True])
-def test_matches_paper_equations(variant, foreach):
-    params, opt = _make(SHAPES, 0, variant, foreach)
-    W = [p.detach().clone() for p in params]
-    taus = [torch.zeros_like(w) for w in W]
-    for step in range(5):
-        grads = _grads(SHAPES, 100 + step, scale=0.5)
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        for k, g in enumerate(grads):
-            W[k], taus[k] = paper_sgdg_step(W[k], g, taus[k], lr=0.2, **variant)
-    for p, w, t in zip(params, W, taus):
-        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], t, rtol=0, atol=1e-12)
-
-
-def test_first_step_is_a_clipped_geodesic_step():
-    # momentum 0, one row: the row rotates by exactly min(lr |h|, lr nu) towards -h
-    w = torch.nn.Parameter(torch.tensor([[1.0, 0.0, 0.0]], dtype=F64))
-    opt = SGDG([w], lr=0.5, grassmann=True, grad_clip=0.1)
-    w.grad = torch.tensor([[7.0, 0.0, -3.0]], dtype=F64)  # radial part 7 is ignored
-    opt.step()
-    angle = 0.5 * 0.1
-    torch.testing.assert_close(
-        w.detach(),
-        torch.tensor(
-            [[torch.cos(torch.tensor(angle)), 0.0, torch.sin(torch.tensor(angle))]], dtype=F64
-        ),
-    )
-
-
-def test_matches_geoopt_riemannian_sgd_on_sphere_exact():
-    # without momentum and clipping SGD-G is Riemannian gradient descent with the exponential map
-    shape = (6, 10)
-    w0 = _unit_rows(shape, 3)
-    ours = torch.nn.Parameter(w0.clone())
-    theirs = geoopt.ManifoldParameter(w0.clone(), manifold=geoopt.SphereExact())
-    opt_a = SGDG([ours], lr=0.3, grassmann=True)
-    opt_b = geoopt.optim.RiemannianSGD([theirs], lr=0.3)
-    for step in range(5):
-        g = _grads([shape], 50 + step)[0]
-        ours.grad, theirs.grad = g.clone(), g.clone()
-        opt_a.step()
-        opt_b.step()
-    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-12)
-
-
-# ----------------------------------------------------------------------------------------------
-# invariants
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_rows_stay_on_sphere_for_10000_steps():
-    # float32, fast path, paper-like settings; the point is re-normalized only at the start of
-    # each step, so this checks that the exponential map never lets the rows drift
-    shapes = [(5, 2, 2, 2)]
-    params = [
-        torch.nn.Parameter(_unit_rows(s, k, dtype=torch.float32)) for k, s in enumerate(shapes)
-    ]
-    opt = SGDG(
-        [dict(params=params, lr=0.5, momentum=0.9, omega=0.1, grad_clip=0.5, grassmann=True)]
-    )
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(10_000, *s, generator=gen) for s in shapes]
-    for t in range(10_000):
-        for p, g in zip(params, grads):
-            p.grad = g[t]
-        opt.step()
-    for p in params:
-        assert (_row_norms(p) - 1).abs().max() < 1e-6
-        tau = opt.state[p]["momentum_buffer"].reshape(p.shape[0], -1).double()
-        y = p.detach().reshape(tau.shape).double()
-        assert ((tau * y).sum(1).abs() / tau.norm(dim=1)).max() < 1e-5  # momentum stays tangent
-
-
-def test_construction_normalizes_rows_and_leaves_euclidean_groups():
-    w = torch.nn.Parameter(3.0 * torch.randn(4, 2, 3, 3))
-    b = torch.nn.Parameter(3.0 * torch.ones(4))
-    SGDG([{"params": [w], "grassmann": True}, {"params": [b]}], lr=0.1)
-    torch.testing.assert_close(_row_norms(w), torch.ones(4, dtype=F64))
-    assert (b.detach() == 3.0).all()
-
-
-def _bn_model(seed):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
-    ).double()
-
-
-def _train(model, opt, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(16, 6, generator=gen, dtype=F64)
-        y = torch.randint(0, 3, (16,), generator=gen)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def _paper_groups(model, **manifold):
-    lin1, bn, _, lin2 = model
-    return [
-        dict(params=[lin1.weight], lr=0.2, momentum=0.9, grassmann=True, **manifold),
-        dict(
-            params=[bn.weight, bn.bias, lin1.bias, lin2.bias],
-            lr=0.05,
-            momentum=0.9,
-            nesterov=True,
-            weight_decay=0.0,
-        ),
-        dict(params=[lin2.weight], lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
-    ]
-
-
 @pytest.mark.parametrize("factor", [0.01, 3.7, 250.0])
-def test_trajectory_invariant_to_prescaling_bn_fed_weights(factor):
+@pytest.mark.parametrize("cls, lrs", [(SGDG, (0.2, 0.05)), (AdamG, (0.05, 0.01))])
+def test_trajectory_invariant_to_prescaling_bn_fed_weights(cls, lrs, factor):
     base, scaled = _bn_model(0), _bn_model(0)
     with torch.no_grad():
         scaled[0].weight.mul_(factor)
-    opt_a = SGDG(_paper_groups(base, omega=0.1, grad_clip=0.1))
-    opt_b = SGDG(_paper_groups(scaled, omega=0.1, grad_clip=0.1))
+    opt_a = cls(paper_groups(base, *lrs, omega=0.1, grad_clip=0.1))
+    opt_b = cls(paper_groups(scaled, *lrs, omega=0.1, grad_clip=0.1))
     losses_a = _train(base, opt_a, 15)
     losses_b = _train(scaled, opt_b, 15)
     assert losses_a == pytest.approx(losses_b, abs=1e-10)
@@ -244,36 +119,14 @@ def test_euclidean_groups_equal_torch_sgd():
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-14)
 
 
-def test_seed_parameter_groups_work_unchanged():
+@pytest.mark.parametrize("cls, lr_manifold", [(SGDG, 0.2), (AdamG, 0.05)])
+def test_seed_parameter_groups_work_unchanged(cls, lr_manifold):
+    """The seed's three dicts (manifold, BN/biases, rest) train, and the manifold rows stay unit."""
     model = _bn_model(2)
-    lin1, bn, _, lin2 = model
-    dict_g = {
-        "params": [lin1.weight],
-        "lr": 0.2,
-        "momentum": 0.9,
-        "grassmann": True,
-        "omega": 0.1,
-        "grad_clip": 0.1,
-    }
-    dict_e0 = {
-        "params": [bn.weight, bn.bias, lin1.bias, lin2.bias],
-        "lr": 0.01,
-        "momentum": 0.9,
-        "grassmann": False,
-        "weight_decay": 0.0,
-        "nesterov": True,
-    }
-    dict_e1 = {
-        "params": [lin2.weight],
-        "lr": 0.01,
-        "momentum": 0.9,
-        "grassmann": False,
-        "weight_decay": 5e-4,
-        "nesterov": True,
-    }
-    opt = SGDG([dict_g, dict_e0, dict_e1])
+    opt = cls(seed_groups(model, lr_manifold))
     losses = _train(model, opt, 30)
     assert losses[-1] < losses[0]
+    torch.testing.assert_close(_row_norms(model[0].weight), torch.ones(5, dtype=F64))
 
 
 def test_constructor_omega_is_honoured():

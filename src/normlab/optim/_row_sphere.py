@@ -307,6 +307,15 @@ def euclidean_sgd(state: dict, params: list[Tensor], grads: list[Tensor], **opti
                 state[params[i]]["momentum_buffer"] = buf
 
 
+def install_fused_step(state: dict, params: list[Tensor], new_params, **new_state) -> None:
+    """Put a fused step's results in place: the new points are copied into the parameters (they
+    must stay the same tensors); the new state tensors replace the old ones (no copy needed)."""
+    torch._foreach_copy_(params, new_params)
+    for key, tensors in new_state.items():
+        for p, t in zip(params, tensors):
+            state[p][key] = t
+
+
 # ----------------------------------------------------------------------------------------------
 # the optimizer base
 # ----------------------------------------------------------------------------------------------
@@ -527,6 +536,16 @@ class RowSphereOptimizer(Optimizer):
     def _scalar(self, name: str, value, params: list[Tensor]) -> Tensor:
         """A hyper-parameter as a 0-d tensor on the group's device, in its compute dtype."""
         return self._scalars.get(name, value, params[0].device, geo.compute_dtype(*params))
+
+    def _fused_tangent_args(self, group: dict, params: list[Tensor]):
+        """What the tangent stage adds to a fused step: its static key (clipping on/off, which
+        tensors get the orthogonality term, ``ortho_dtype``) and ``omega``/``grad_clip`` as
+        tensors (``grad_clip`` None when off)."""
+        ortho = ortho_flags(params, group["omega"])
+        key = (group["grad_clip"] is not None, ortho, group["ortho_dtype"])
+        omega = self._scalar("omega", group["omega"], params)
+        clip = group["grad_clip"]
+        return key, omega, None if clip is None else self._scalar("clip", clip, params)
 
     def _euclidean_sgd(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         """``torch.optim.SGD`` (L2 decay, momentum, dampening, Nesterov) via torch's functional."""

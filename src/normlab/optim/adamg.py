@@ -145,15 +145,21 @@ class AdamG(rs.RowSphereOptimizer):
                 "Invalid dampening: it applies to euclidean='sgd' groups only (Adam has none)"
             )
 
-    def _manifold_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _moments(self, params: list[Tensor], buffer) -> tuple[list, list, list]:
+        """(steps, exp_avgs, exp_avg_sqs) of ``params``, created on first use; ``buffer`` is
+        :meth:`_state_buffer` (eager: rows in the parameter's layout) or :meth:`_fused_state`."""
         steps, exp_avgs, exp_avg_sqs = [], [], []
         for p in params:
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
             steps.append(state["step"])
-            exp_avgs.append(self._state_buffer(p, "exp_avg"))
-            exp_avg_sqs.append(self._state_buffer(p, "exp_avg_sq", (_rows.num_rows(p), 1)))
+            exp_avgs.append(buffer(p, "exp_avg"))
+            exp_avg_sqs.append(buffer(p, "exp_avg_sq", (_rows.num_rows(p), 1)))
+        return steps, exp_avgs, exp_avg_sqs
+
+    def _manifold_step(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        steps, exp_avgs, exp_avg_sqs = self._moments(params, self._state_buffer)
         adamg(
             params,
             grads,
@@ -175,27 +181,15 @@ class AdamG(rs.RowSphereOptimizer):
 
     def _run_fused(self, index: int, group: dict, params: list[Tensor], grads: list[Tensor]):
         beta1, beta2 = (_rows.as_float(b) for b in group["betas"])
-        steps, exp_avgs, exp_avg_sqs = [], [], []
-        for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            steps.append(state["step"])
-            exp_avgs.append(self._fused_state(p, "exp_avg"))
-            exp_avg_sqs.append(self._fused_state(p, "exp_avg_sq", (_rows.num_rows(p), 1)))
+        steps, exp_avgs, exp_avg_sqs = self._moments(params, self._fused_state)
         # the bias corrections from the (host) step counters, in double as the reference, sent
         # to the device as one small copy: no device-to-host synchronisation
         cdt, device = geo.compute_dtype(*params), params[0].device
         alphas = [_bias_correction(t + 1, beta1, beta2) for t in steps]
         alphas = torch.tensor(alphas, dtype=cdt).to(device, non_blocking=True)
-        key = (
-            index,
-            group["grad_clip"] is not None,
-            rs.ortho_flags(params, group["omega"]),
-            group["ortho_dtype"],
-        )
+        tangent_key, omega, grad_clip = self._fused_tangent_args(group, params)
         out = self._fused_step(
-            key,
+            (index, *tangent_key),
             params,
             grads,
             exp_avgs,
@@ -205,21 +199,16 @@ class AdamG(rs.RowSphereOptimizer):
             self._scalar("beta1", beta1, params),
             self._scalar("beta2", beta2, params),
             self._scalar("eps", group["eps"], params),
-            self._scalar("omega", group["omega"], params),
-            None
-            if group["grad_clip"] is None
-            else self._scalar("clip", group["grad_clip"], params),
-            ortho=key[2],
+            omega,
+            grad_clip,
+            ortho=tangent_key[1],
             ortho_dtype=group["ortho_dtype"],
         )
         if out is None:
             return False
-        new_params, new_avgs, new_sqs = out
-        torch._foreach_copy_(params, new_params)
-        for p, step, m, v in zip(params, steps, new_avgs, new_sqs):
+        for step in steps:
             step += 1
-            self.state[p]["exp_avg"] = m
-            self.state[p]["exp_avg_sq"] = v
+        rs.install_fused_step(self.state, params, out[0], exp_avg=out[1], exp_avg_sq=out[2])
         return True
 
 

@@ -155,34 +155,23 @@ class SGDG(rs.RowSphereOptimizer):
 
     def _run_fused(self, index: int, group: dict, params: list[Tensor], grads: list[Tensor]):
         bufs = [self._fused_state(p, "momentum_buffer") for p in params]
-        key = (
-            index,
-            group["nesterov"],
-            group["grad_clip"] is not None,
-            rs.ortho_flags(params, group["omega"]),
-            group["ortho_dtype"],
-        )
+        tangent_key, omega, grad_clip = self._fused_tangent_args(group, params)
         out = self._fused_step(
-            key,
+            (index, group["nesterov"], *tangent_key),
             params,
             grads,
             bufs,
             self._scalar("lr", group["lr"], params),
             self._scalar("momentum", group["momentum"], params),
-            self._scalar("omega", group["omega"], params),
-            None
-            if group["grad_clip"] is None
-            else self._scalar("clip", group["grad_clip"], params),
+            omega,
+            grad_clip,
             nesterov=group["nesterov"],
-            ortho=key[3],
+            ortho=tangent_key[1],
             ortho_dtype=group["ortho_dtype"],
         )
         if out is None:
             return False
-        new_params, new_bufs = out
-        torch._foreach_copy_(params, new_params)
-        for p, buf in zip(params, new_bufs):
-            self.state[p]["momentum_buffer"] = buf  # a new tensor each step: no copy needed
+        rs.install_fused_step(self.state, params, out[0], momentum_buffer=out[1])
         return True
 
 

@@ -85,7 +85,7 @@ from torch.optim import Optimizer
 from .. import geometry
 from .._fused import FusedStep, ScalarSlots
 from ._row_sphere import combine as _rows_combine
-from ._row_sphere import euclidean_sgd, keep_compute_dtype_state
+from ._row_sphere import euclidean_sgd, install_fused_step, keep_compute_dtype_state
 from ._row_sphere import quad as _rows_quad
 from ._row_sphere import row_gram as _rows_gram
 from ._rows import check_fused
@@ -399,10 +399,7 @@ class SphereSGD(Optimizer):
         )
         if out is None:
             return False
-        new_params, new_bufs = out
-        torch._foreach_copy_(params, new_params)
-        for p, buf in zip(params, new_bufs):
-            self.state[p]["momentum_buffer"] = buf
+        install_fused_step(self.state, params, out[0], momentum_buffer=out[1])
         return True
 
     def _euclidean_group_step(self, group: dict[str, Any]) -> None:
