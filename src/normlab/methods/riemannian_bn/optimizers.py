@@ -118,7 +118,7 @@ def build_sgdg(model: nn.Module, options: dict, context: BuildContext) -> torch.
     return SGDG(
         riemannian_groups(model, options, context.probe_batch),
         lr=options["lr"],
-        fused=options["fused"] or None,
+        fused=options.get("fused") or None,
     )
 
 
@@ -130,7 +130,7 @@ def build_adamg(model: nn.Module, options: dict, context: BuildContext) -> torch
         betas=(options["beta1"], options["beta2"]),
         eps=options["eps"],
         euclidean=options["euclidean"],
-        fused=options["fused"] or None,
+        fused=options.get("fused") or None,
     )
 
 

@@ -144,7 +144,7 @@ def build_sphere_optimizer(model: nn.Module, o: dict, context: BuildContext) -> 
             }
         )
     return SphereSGD(
-        groups, momentum=o["momentum"], foreach=o["foreach"], fused=o["fused"] or None
+        groups, momentum=o["momentum"], foreach=o["foreach"], fused=o.get("fused") or None
     )
 
 
