@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import sys
 import time
@@ -58,41 +59,49 @@ def optimizer_cases():
         return [{"params": params, "grassmann": True, "lr": 0.2, "momentum": 0.9}]
 
     return {
-        "SGDG omega 0": lambda ps, fast: SGDG(
-            rows(ps), lr=0.2, omega=0.0, grad_clip=0.1, foreach=fast
+        "SGDG omega 0": lambda ps, **impl: SGDG(rows(ps), lr=0.2, omega=0.0, grad_clip=0.1, **impl),
+        "SGDG omega 0.1": lambda ps, **impl: SGDG(
+            rows(ps), lr=0.2, omega=0.1, grad_clip=0.1, **impl
         ),
-        "SGDG omega 0.1": lambda ps, fast: SGDG(
-            rows(ps), lr=0.2, omega=0.1, grad_clip=0.1, foreach=fast
+        "AdamG omega 0.1": lambda ps, **impl: AdamG(
+            [{"params": ps, "grassmann": True}], lr=0.05, omega=0.1, **impl
         ),
-        "AdamG omega 0.1": lambda ps, fast: AdamG(
-            [{"params": ps, "grassmann": True}], lr=0.05, omega=0.1, foreach=fast
-        ),
-        "SphereSGD global": lambda ps, fast: SphereSGD(ps, elr=0.01, momentum=0.9, foreach=fast),
+        "SphereSGD global": lambda ps, **impl: SphereSGD(ps, elr=0.01, momentum=0.9, **impl),
     }
 
 
-def check_optimizers(device: torch.device, steps: int) -> None:
+#: the implementations checked against the reference (``foreach=False``): the fast eager path,
+#: and the compiled ``fused=True`` step (skipped by ``--quick`` on a CPU: each compile costs
+#: seconds there, and tests/test_optim_fused.py covers it)
+IMPLS = {"fast": {"foreach": None}, "fused": {"fused": True}}
+
+
+def check_optimizers(device: torch.device, steps: int, impls=tuple(IMPLS)) -> None:
     shapes = [(64, 3, 3, 3), (128, 64, 3, 3), (256, 128), (10, 256)]
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, impl in itertools.product((torch.float32, torch.bfloat16), impls):
         tol = 1e-5 if dtype is torch.float32 else 1e-2  # relative to the largest weight
         for name, make in optimizer_cases().items():
-            check = f"{name} fast == reference ({str(dtype).split('.')[-1]}, {steps} steps)"
+            check = f"{name} {impl} == reference ({str(dtype).split('.')[-1]}, {steps} steps)"
             with guarded(check):
                 gen = torch.Generator().manual_seed(0)
                 init = [torch.randn(s, generator=gen) for s in shapes]
                 grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
-                finals = []
-                for fast in (True, False):
+                finals, opts = [], []
+                for kwargs in (IMPLS[impl], {"foreach": False}):
                     ps = [nn.Parameter(w.to(device, dtype)) for w in init]
-                    opt = make(ps, fast)
+                    opts.append(make(ps, **kwargs))
                     for g in grads:
                         for p, gi in zip(ps, g):
                             p.grad = gi.to(device, dtype)
-                        opt.step()
+                        opts[-1].step()
                     finals.append([p.detach().float().cpu() for p in ps])
                 scale = max(b.abs().max().item() for b in finals[1])
                 diff = max((a - b).abs().max().item() for a, b in zip(*finals)) / scale
-                record(check, f"max |diff| / max |w| {diff:.2e} (tol {tol:g})", diff <= tol)
+                text = f"max |diff| / max |w| {diff:.2e} (tol {tol:g})"
+                compiled = impl != "fused" or opts[0].fused_compiles > 0
+                if not compiled:  # the eager fallback ran: say so, it is not what was asked
+                    text += f"; did not compile: {opts[0]._fused_step.unavailable}"
+                record(check, text, diff <= tol and compiled)
 
 
 # ---------------------------------------------------------------------------------- 2. norms
@@ -208,7 +217,7 @@ def check_studies(device: torch.device, quick: bool, out: Path, backend: str) ->
 
 
 # -------------------------------------------------------------------------------- 4. speed
-def check_speed(device: torch.device, rounds: int) -> None:
+def check_speed(device: torch.device, rounds: int, fused: bool) -> None:
     from bench_optim import MODELS, ParamSet, _paper_groups
     from normlab.optim import SGDG, AdamG, SphereSGD
 
@@ -226,13 +235,14 @@ def check_speed(device: torch.device, rounds: int) -> None:
                     p.grad = g.to(device)
                 return ps
 
-            def sphere_opt(ps, pset=pset):
+            def sphere_opt(ps, pset=pset, fused=None):
                 sphere, decay, no_decay = pset.split(ps)
                 return SphereSGD(
                     [
                         {"params": sphere, "elr": 1e-3},
                         {"params": decay + no_decay, "scale_invariant": False, "lr": 0.01},
-                    ]
+                    ],
+                    fused=fused,
                 )
 
             cases = {
@@ -240,11 +250,20 @@ def check_speed(device: torch.device, rounds: int) -> None:
                     ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
                 ),
                 "SGDG omega 0": lambda ps, pset=pset: SGDG(_paper_groups(ps, pset, 0.2, omega=0)),
+                "SGDG omega 0 fused": lambda ps, pset=pset: SGDG(
+                    _paper_groups(ps, pset, 0.2, omega=0), fused=True
+                ),
                 "torch Adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=5e-4),
                 "AdamG omega 0": lambda ps, pset=pset: AdamG(_paper_groups(ps, pset, 0.05)),
+                "AdamG omega 0 fused": lambda ps, pset=pset: AdamG(
+                    _paper_groups(ps, pset, 0.05), fused=True
+                ),
                 "torch SGD (wd)": lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=5e-4),
                 "SphereSGD": sphere_opt,
+                "SphereSGD fused": lambda ps, pset=pset: sphere_opt(ps, pset, fused=True),
             }
+            if not fused:
+                cases = {k: v for k, v in cases.items() if not k.endswith("fused")}
             built = {name: make(fresh()) for name, make in cases.items()}
             times = {name: [] for name in built}
             for r in range(rounds + 3):
@@ -258,10 +277,13 @@ def check_speed(device: torch.device, rounds: int) -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             pairs = [
                 ("SGDG omega 0", "torch SGD"),
+                ("SGDG omega 0 fused", "torch SGD"),
                 ("AdamG omega 0", "torch Adam"),
+                ("AdamG omega 0 fused", "torch Adam"),
                 ("SphereSGD", "torch SGD (wd)"),
+                ("SphereSGD fused", "torch SGD (wd)"),
             ]
-            text = ", ".join(f"{a} {med[a] / med[b]:.2f}x {b}" for a, b in pairs)
+            text = ", ".join(f"{a} {med[a] / med[b]:.2f}x {b}" for a, b in pairs if a in med)
             record(f"step ratios on {model}", text, True)
 
 
@@ -280,10 +302,12 @@ def main(argv=None) -> int:
     backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"gpu_check on {name}, torch {torch.__version__}, compile backend {backend}")
-    check_optimizers(device, steps=5 if args.quick else 20)
+    # a CPU --quick run (the test's) skips the compiled steps: minutes of compiling there
+    compiled = device.type == "cuda" or not args.quick
+    check_optimizers(device, steps=5 if args.quick else 20, impls=tuple(IMPLS)[: 1 + compiled])
     check_norms(device)
     check_studies(device, args.quick, Path(args.out), backend)
-    check_speed(device, rounds=3 if args.quick else 30)
+    check_speed(device, rounds=3 if args.quick else 30, fused=compiled)
     width = max(len(c) for c, _, _ in ROWS)
     print("\n| check | result | status |\n|---|---|---|")
     for check, result, status in ROWS:
