@@ -88,7 +88,7 @@ def check_optimizers(device: torch.device, steps: int, impls=tuple(IMPLS)) -> No
                 grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
                 finals, opts = [], []
                 for kwargs in (IMPLS[impl], {"foreach": False}):
-                    ps = [nn.Parameter(w.to(device, dtype)) for w in init]
+                    ps = [nn.Parameter(w.to(device, dtype, copy=True)) for w in init]  # own memory
                     opts.append(make(ps, **kwargs))
                     for g in grads:
                         for p, gi in zip(ps, g):
