@@ -63,6 +63,7 @@ class _BlockSpec:
     stop: int
     producers: tuple[int, ...]  # balanced slots with rows in the block
     consumers: tuple[int, ...]  # slots with columns in the block
+    finalize: tuple[int, ...]  # slots whose last block this is: rescaled right after it
 
 
 @dataclass(frozen=True)
@@ -164,31 +165,7 @@ def _make_cycle(spec: _Spec):
                 e = e * _pow(_gather(dinv, cols[i], s.col_run), p)
             return e * (col_ws[i] if s.col_w is None else s.col_w)
 
-        zeros = torch.zeros(n + 1, dtype=acc, device=device)
-        if spec.sequential:
-            d = torch.ones(n + 1, dtype=acc, device=device)
-            for block in spec.blocks:
-                dinv = torch.reciprocal(d)
-                a, b = zeros, zeros
-                for i in block.producers:
-                    a = _scatter_add(a, rows[i], spec.slots[i].row_run, row_energy(i, d, dinv))
-                for i in block.consumers:
-                    b = _scatter_add(b, cols[i], spec.slots[i].col_run, col_energy(i, d, dinv))
-                new = _factors(a[block.start : block.stop], b[block.start : block.stop],
-                               spec.exponent)  # fmt: skip
-                d = torch.cat([d[: block.start], new, d[block.stop :]])
-        else:
-            a, b = zeros, zeros
-            for i, s in enumerate(spec.slots):
-                if s.has_rows and s.balanced:
-                    a = _scatter_add(a, rows[i], s.row_run, row_energy(i, None, None))
-                if s.has_cols:
-                    b = _scatter_add(b, cols[i], s.col_run, col_energy(i, None, None))
-            d = _factors(a[:n], b[:n], spec.exponent)
-            d = torch.cat([d, torch.ones(1, dtype=acc, device=device)])
-        dinv = torch.reciprocal(d)
-
-        def scaled(i, t, k):
+        def scaled(i, t, k, d, dinv):
             s = spec.slots[i]
             if k == -1:
                 r, q = dinv, d
@@ -205,8 +182,56 @@ def _make_cycle(spec: _Spec):
                 m = m * _gather(q, cols[i], s.col_run).to(t.dtype).view(s.col_shape or -1)
             return m.view(t.shape)
 
-        new_weights = [scaled(i, w, 1) for i, w in enumerate(weights)]
-        new_states = [scaled(i, t, k) for (i, k), t in zip(state_powers, states)]
+        def block_add(acc_b, block, index, run, e):
+            """acc_b (the block's channels, None: zeros) + e scattered by ``index``."""
+            if run is not None and block.start <= run[0] and run[0] + run[1] <= block.stop:
+                start, m, k = run
+                e = e.view(m, k).sum(1) if k > 1 else e
+                lo = start - block.start
+                if lo == 0 and m == block.stop - block.start:
+                    return e if acc_b is None else acc_b + e
+                if acc_b is None:
+                    acc_b = torch.zeros(block.stop - block.start, dtype=acc, device=device)
+                return torch.cat([acc_b[:lo], acc_b[lo : lo + m] + e, acc_b[lo + m :]])
+            full = torch.zeros(n + 1, dtype=acc, device=device).index_add(0, index, e)
+            part = full[block.start : block.stop]
+            return part if acc_b is None else acc_b + part
+
+        by_slot: dict[int, list[int]] = {}
+        for j, (i, _) in enumerate(state_powers):
+            by_slot.setdefault(i, []).append(j)
+        new_weights = [None] * len(weights)
+        new_states = [None] * len(states)
+        cached_rows, cached_cols = {}, {}  # simultaneous: energies of the start-of-cycle weights
+        d = torch.ones(n + 1, dtype=acc, device=device)
+        dinv = d
+        for block in spec.blocks:
+            a = b = None
+            for i in block.producers:
+                if spec.sequential:
+                    e = row_energy(i, d, dinv)
+                else:
+                    e = cached_rows.get(i)
+                    if e is None:
+                        e = cached_rows[i] = row_energy(i, None, None)
+                a = block_add(a, block, rows[i], spec.slots[i].row_run, e)
+            for i in block.consumers:
+                if spec.sequential:
+                    e = col_energy(i, d, dinv)
+                else:
+                    e = cached_cols.get(i)
+                    if e is None:
+                        e = cached_cols[i] = col_energy(i, None, None)
+                b = block_add(b, block, cols[i], spec.slots[i].col_run, e)
+            zero = torch.zeros(block.stop - block.start, dtype=acc, device=device)
+            new = _factors(zero if a is None else a, zero if b is None else b, spec.exponent)
+            d = torch.cat([d[: block.start], new, d[block.stop :]])
+            dinv = torch.reciprocal(d)
+            # Slots whose factors are all final now: rescaled here, while still in cache.
+            for i in block.finalize:
+                new_weights[i] = scaled(i, weights[i], 1, d, dinv)
+                for j in by_slot.get(i, ()):
+                    new_states[j] = scaled(i, states[j], state_powers[j][1], d, dinv)
         return new_weights, new_states
 
     return cycle
@@ -243,7 +268,8 @@ class FusedCycle:
         for group, block in zip(balancer.plan.groups, balancer._blocks):
             producers = tuple(dict.fromkeys(index[id(pt.slot)] for pt in block.balanced_producers))
             consumers = tuple(dict.fromkeys(index[id(pt.slot)] for pt in block.consumers))
-            blocks.append(_BlockSpec(group.start, group.stop, producers, consumers))
+            finalize = tuple(index[id(s)] for s in block.finalize)
+            blocks.append(_BlockSpec(group.start, group.stop, producers, consumers, finalize))
         self.spec = _Spec(
             balancer.n,
             balancer.p,
