@@ -16,10 +16,13 @@ gathered ``D`` (no intermediate rescaling):
 * row energy of row i: ``D[row_i]^p * sum_j |w_ij|^p * D[col_j]^(-p)``;
 * column energy of column j: ``D[col_j]^(-p) * sum_i |w_ij|^p * D[row_i]^p``.
 
-The sequential sweep sets ``D`` block by block (each block's factors from the energies with the
-earlier blocks' factors); the simultaneous cycle takes every factor from D = 1. Then every slot
-becomes ``w * D[rows] / D[cols]`` and every state tensor ``t * (D[rows] / D[cols])^k``. This is
-the eager computation reordered, so both paths agree to rounding (tested to 1e-10 in float64).
+Both orders walk the blocks (groups) input to output: a block's energies (the sequential sweep
+weights them with the earlier blocks' factors, the simultaneous cycle takes the start-of-cycle
+weights), its factors into ``D``, then every slot whose blocks are all done becomes
+``w * D[rows] / D[cols]`` and its state tensors ``t * (D[rows] / D[cols])^k``, so that the
+generated loops rescale a layer soon after reading it. This is the eager computation reordered:
+both paths agree to rounding (tested to 1e-10 in float64). Rows and columns that are a run of
+consecutive channels (each repeated over a conv's taps) read their factors as slices.
 
 Compiled once per ENorm object and per layout of the optimizer state (which parameters have
 which state tensors: momentum buffers appear at the first ``optimizer.step()``, so a cycle run
@@ -115,16 +118,6 @@ def _gather(v: torch.Tensor, index: torch.Tensor, run) -> torch.Tensor:
     start, m, k = run
     piece = v[start : start + m]
     return piece if k == 1 else piece.view(m, 1).expand(m, k).reshape(m * k)
-
-
-def _scatter_add(acc: torch.Tensor, index: torch.Tensor, run, e: torch.Tensor) -> torch.Tensor:
-    """``acc.index_add(0, index, e)``, as a slice update when ``index`` is a run."""
-    if run is None:
-        return acc.index_add(0, index, e)
-    start, m, k = run
-    if k > 1:
-        e = e.view(m, k).sum(1)
-    return torch.cat([acc[:start], acc[start : start + m] + e, acc[start + m :]])
 
 
 def _make_cycle(spec: _Spec):
