@@ -11,10 +11,13 @@ Measured, interleaved in one process (round = SGD step, ENorm cycle, in shuffled
 median of the per-round ratios:
 
 1. ``cycle / sgd``: one ENorm cycle with momentum-buffer rescaling vs one SGD step (momentum
-   0.9, same gradients every round), for the sequential and the simultaneous order;
+   0.9, same gradients every round), for the sequential and the simultaneous order, each eager
+   and ``fused=True`` (one compiled function per cycle; its compile time, paid once at the
+   first cycle, is reported beside);
 2. ``share``: ENorm cycle / (forward + backward + SGD step + ENorm cycle) at batch 256.
 
 Usage: python benchmarks/bench_enorm.py [--quick] [--threads N] [--device cpu|cuda] [--clock cpu]
+       [--no-fused]
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class FullyConvolutional(nn.Module):
         return x.view(x.size(0), -1)
 
 
+ORDERS = ("sequential", "simultaneous")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -99,13 +105,22 @@ def _setup(name: str, device: torch.device, batch: int):
     return model, opt, x, y
 
 
-def bench_cycle(name: str, device, rounds: int, warmup: int) -> dict:
+def bench_cycle(name: str, device, rounds: int, warmup: int, fused: bool = True) -> dict:
     model, opt, x, y = _setup(name, device, batch=8)
     F.cross_entropy(model(x), y).backward()  # gradients reused by every SGD step
     opt.step()  # momentum buffers exist, so the cycle rescales them
-    enorms = {order: ENorm(model, opt, c=1.1, order=order) for order in ("sequential",
-                                                                        "simultaneous")}  # fmt: skip
-    fns = {"sgd": opt.step} | {order: e.cycle for order, e in enorms.items()}
+    variants = [(order, False) for order in ORDERS] + ([(o, True) for o in ORDERS] if fused else [])
+    enorms = {}
+    out: dict = {}
+    for order, is_fused in variants:
+        key = f"{order}_fused" if is_fused else order
+        enorms[key] = enorm = ENorm(model, opt, c=1.1, order=order, fused=is_fused)
+        if is_fused:
+            start = time.perf_counter()
+            enorm.cycle()  # compiles
+            out[f"{key}_compile_s"] = time.perf_counter() - start
+            out[f"{key}_compiles"] = enorm.compiles
+    fns = {"sgd": opt.step} | {k: e.cycle for k, e in enorms.items()}
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     for r in range(warmup + rounds):
@@ -114,10 +129,12 @@ def bench_cycle(name: str, device, rounds: int, warmup: int) -> dict:
             t = _time(fns[k], device)
             if r >= warmup:
                 times[k].append(t)
-    out = {"sgd_ms": 1e3 * statistics.median(times["sgd"])}
-    for order in enorms:
-        out[f"{order}_ms"] = 1e3 * statistics.median(times[order])
-        out[f"{order}_ratio"] = statistics.median(a / b for a, b in zip(times[order], times["sgd"]))
+    out["sgd_ms"] = 1e3 * statistics.median(times["sgd"])
+    for key, enorm in enorms.items():
+        out[f"{key}_ms"] = 1e3 * statistics.median(times[key])
+        out[f"{key}_ratio"] = statistics.median(a / b for a, b in zip(times[key], times["sgd"]))
+        if enorm.fused:
+            assert enorm.compiles == out[f"{key}_compiles"], "the fused cycle recompiled"
     out["weights_m"] = sum(p.numel() for p in model.parameters() if p.dim() > 1) / 1e6
     out["managed"] = len(enorms["sequential"].parameter_names)
     return out
@@ -152,6 +169,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds, small batch: a smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-fused", action="store_true", help="eager cycles only (no compile)")
     parser.add_argument("--batch", type=int, default=256, help="batch of the training iteration")
     parser.add_argument(
         "--clock",
@@ -175,18 +193,33 @@ def main() -> None:
         f" | device {device} | threads {torch.get_num_threads()} | clock {args.clock} | "
         f"{'QUICK (noisy)' if args.quick else 'full'}"
     )
-    print("| network | weights (M) | SGD step ms | sequential ms (x SGD) | simultaneous ms (x SGD) "
-          f"| train iter ms (batch {batch}) | ENorm share |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    fused = not args.no_fused
+    head = "| network | weights (M) | SGD step ms "
+    rule = "|---|---|---"
+    for order in ORDERS:
+        head += f"| {order} eager ms (x SGD) "
+        rule += "|---"
+        if fused:
+            head += f"| {order} fused ms (x SGD) "
+            rule += "|---"
+    if fused:
+        head += "| compile s (seq / sim) "
+        rule += "|---"
+    print(head + f"| train iter ms (batch {batch}) | ENorm share |")
+    print(rule + "|---|---|")
     for name in ("fc15", "fullyconv"):
-        c = bench_cycle(name, device, rounds, warmup)
+        c = bench_cycle(name, device, rounds, warmup, fused)
         s = bench_share(name, device, share_rounds, share_warmup, batch)
-        print(
-            f"| {name} | {c['weights_m']:.2f} | {c['sgd_ms']:.2f} | "
-            f"{c['sequential_ms']:.2f} ({c['sequential_ratio']:.2f}x) | "
-            f"{c['simultaneous_ms']:.2f} ({c['simultaneous_ratio']:.2f}x) | "
-            f"{s['train_ms']:.0f} | {100 * s['share']:.1f} % |"
-        )
+        row = f"| {name} | {c['weights_m']:.2f} | {c['sgd_ms']:.2f} "
+        for order in ORDERS:
+            for key in (order, f"{order}_fused") if fused else (order,):
+                row += f"| {c[key + '_ms']:.2f} ({c[key + '_ratio']:.2f}x) "
+        if fused:
+            row += (
+                f"| {c['sequential_fused_compile_s']:.1f} / "
+                f"{c['simultaneous_fused_compile_s']:.1f} "
+            )
+        print(row + f"| {s['train_ms']:.0f} | {100 * s['share']:.1f} % |", flush=True)
 
 
 if __name__ == "__main__":

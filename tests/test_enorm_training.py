@@ -176,6 +176,20 @@ def test_cli_train_with_enorm_c(tmp_path):
     assert row["weight_sq_norm"] > 0 and row["enorm_seconds"] > 0
 
 
+def test_cli_train_with_enorm_fused_matches_eager(tmp_path):
+    """``enorm.fused=true`` from the command line: the compiled cycle, the eager run's numbers."""
+    args = ["train", "data=digits", "data.train_limit=200", "model=fully_connected"]
+    args += ["model.depth=4", "model.width=16", "epochs=2", "enorm.c=1.2", "progress=false"]
+    assert main([*args, f"out={tmp_path}", "name=eager"]) == 0
+    assert main([*args, "enorm.fused=true", f"out={tmp_path}", "name=fused"]) == 0
+    eager, fused = RunDirectory(tmp_path / "eager"), RunDirectory(tmp_path / "fused")
+    assert json.loads(fused.config_path.read_text())["enorm"]["fused"] is True
+    assert json.loads(eager.config_path.read_text())["enorm"]["fused"] is False
+    for a, b in zip(eager.read_metrics(), fused.read_metrics()):
+        for key in ("train_loss", "weight_sq_norm", "enorm_objective"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
 class GeluNet(nn.Sequential):
     def __init__(self, in_shape, num_classes, width: int = 8):
         super().__init__(

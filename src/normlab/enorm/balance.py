@@ -248,6 +248,7 @@ class Balancer:
         self._blocks = self._build_blocks()
         self._assign_lanes()
         self._device_cache: torch.device | None = None
+        self._gathered = None  # see _factor_buffers
 
     # --- construction -------------------------------------------------------------------------
 
@@ -467,18 +468,30 @@ class Balancer:
         return v if shape is None else v.view(shape)
 
     def _apply(self, s: _Slot, r, q, ri, qi, states: StateLookup) -> None:
-        """w_ij <- r_i w_ij q_j; each optimizer state t_ij <- r_i^k t_ij q_j^k.
+        """w_ij <- r_i w_ij q_j; each optimizer state t_ij <- r_i^k t_ij q_j^k."""
+        selves: list[torch.Tensor] = []
+        factors: list[torch.Tensor] = []
+        self._collect(s, r, q, ri, qi, states, selves, factors)
+        if selves:
+            torch._foreach_mul_(selves, factors)
 
-        ``ri``, ``qi`` are 1/r and 1/q (k = -1, the common case, needs no extra work). Two
-        broadcast multiplications (the second on data still in cache) measured faster than
-        building the outer product r q^T once and multiplying by it.
+    def _collect(self, s: _Slot, r, q, ri, qi, states: StateLookup, selves, factors) -> None:
+        """The multiplications of :meth:`_apply`, appended as (tensor, broadcast factor) pairs.
+
+        ``ri``, ``qi`` are 1/r and 1/q (k = -1, the common case, needs no extra work). Per
+        tensor two broadcast multiplications, the second on data still in cache (measured
+        faster than building the outer product r q^T once and multiplying by it); all of a
+        cycle's (or a block's) multiplications then run as one ``torch._foreach_mul_``, in this
+        order (the same per-tensor kernels, without one Python dispatch each).
         """
         m = s.mat()
         lay = self._lay
         if r is not None:
-            m.mul_(lay(r, s.row_shape, m.dtype))
+            selves.append(m)
+            factors.append(lay(r, s.row_shape, m.dtype))
         if q is not None:
-            m.mul_(lay(q, s.col_shape, m.dtype))
+            selves.append(m)
+            factors.append(lay(q, s.col_shape, m.dtype))
         for tensor, k in states(s.param):
             t = s.state_mat(tensor)
             if k == -1:
@@ -490,9 +503,11 @@ class Balancer:
                 rk = None if r is None else r.pow(k)
                 qk = None if q is None else q.pow(k)
             if rk is not None:
-                t.mul_(lay(rk, s.row_shape, t.dtype))
+                selves.append(t)
+                factors.append(lay(rk, s.row_shape, t.dtype))
             if qk is not None:
-                t.mul_(lay(qk, s.col_shape, t.dtype))
+                selves.append(t)
+                factors.append(lay(qk, s.col_shape, t.dtype))
 
     # --- the simultaneous (Jacobi) cycle ------------------------------------------------------
 
@@ -542,23 +557,65 @@ class Balancer:
         else:
             out.copy_(fn(*args))
 
+    def _factor_buffers(self, device: torch.device):
+        """Gather targets for d[rows], 1/d[cols], 1/d[rows], d[cols] and, per slot, its slices
+        already in the rescaling layout (views made once, filled in place every cycle)."""
+        cached = self._gathered
+        if cached is None or cached[0] != device:
+            acc = self.acc_dtype
+            n_rows, n_cols = self.all_rows.numel(), self.all_cols.numel()
+            r, ri = (torch.empty(n_rows, dtype=acc, device=device) for _ in range(2))
+            q, qi = (torch.empty(n_cols, dtype=acc, device=device) for _ in range(2))
+            views = []
+            for s in self.slots:
+                rs = slice(s.row_off, s.row_off + s.rows.numel()) if s.has_rows else None
+                cs = slice(s.col_off, s.col_off + s.cols.numel()) if s.has_cols else None
+                views.append(tuple(
+                    None if sl is None else (buf[sl] if shape is None else buf[sl].view(shape))
+                    for buf, sl, shape in ((r, rs, s.row_shape), (q, cs, s.col_shape),
+                                           (ri, rs, s.row_shape), (qi, cs, s.col_shape))
+                ))  # fmt: skip
+            cached = self._gathered = (device, (r, q, ri, qi), views)
+        return cached[1], cached[2]
+
     def _apply_all(self, d: torch.Tensor, states: StateLookup) -> None:
-        """Rescale every slot by d (rows) and 1/d (columns), factors gathered network-wide."""
+        """Rescale every slot by d (rows) and 1/d (columns), factors gathered network-wide.
+
+        One gather per factor vector for the whole network, into buffers whose per-slot views
+        are built once; then every multiplication of the cycle in one ``torch._foreach_mul_``.
+        """
         dinv = torch.reciprocal(d)
-        rows, cols = self.all_rows, self.all_cols
-        # One gather and one split per vector for the whole network (not one per slot).
-        r_all = d[rows].split(self.row_sizes)
-        q_all = dinv[cols].split(self.col_sizes)
-        ri_all = dinv[rows].split(self.row_sizes)
-        qi_all = d[cols].split(self.col_sizes)
-        for s in self.slots:
-            i, j = s.row_index, s.col_index
-            if i is None:
-                self._apply(s, None, q_all[j], None, qi_all[j], states)
-            elif j is None:
-                self._apply(s, r_all[i], None, ri_all[i], None, states)
-            else:
-                self._apply(s, r_all[i], q_all[j], ri_all[i], qi_all[j], states)
+        (r, q, ri, qi), views = self._factor_buffers(d.device)
+        torch.index_select(d, 0, self.all_rows, out=r)
+        torch.index_select(dinv, 0, self.all_cols, out=q)
+        torch.index_select(dinv, 0, self.all_rows, out=ri)
+        torch.index_select(d, 0, self.all_cols, out=qi)
+        acc = self.acc_dtype
+        selves: list[torch.Tensor] = []
+        factors: list[torch.Tensor] = []
+        for s, (rv, qv, riv, qiv) in zip(self.slots, views):
+            m = s.mat()
+            entries = states(s.param)
+            if m.dtype != acc or any(k != -1 or t.dtype != acc for t, k in entries):
+                flat = [None if v is None else v.reshape(-1) for v in (rv, qv, riv, qiv)]
+                self._collect(s, *flat, lambda _p, e=entries: e, selves, factors)
+                continue
+            if rv is not None:
+                selves.append(m)
+                factors.append(rv)
+            if qv is not None:
+                selves.append(m)
+                factors.append(qv)
+            for tensor, _ in entries:
+                t = s.state_mat(tensor)
+                if riv is not None:
+                    selves.append(t)
+                    factors.append(riv)
+                if qiv is not None:
+                    selves.append(t)
+                    factors.append(qiv)
+        if selves:
+            torch._foreach_mul_(selves, factors)
 
     @torch.no_grad()
     def rescale(self, d: torch.Tensor, states: StateLookup) -> None:
@@ -604,12 +661,15 @@ class Balancer:
                     s.col_f, s.col_fi = s.col_f * new, None
             for s in block.eager:
                 s.row_cache = self._rows_energy(s, s.eager)
+            selves, muls = [], []
             for s in block.finalize:
                 r, q = s.row_f, s.col_f
                 ri = s.row_fi if s.row_fi is not None or r is None else reciprocal(r)
                 qi = s.col_fi if s.col_fi is not None or q is None else reciprocal(q)
-                self._apply(s, r, q, ri, qi, states)
+                self._collect(s, r, q, ri, qi, states, selves, muls)
                 s.row_f = s.col_f = s.row_fi = s.col_fi = s.sq = None
+            if selves:
+                torch._foreach_mul_(selves, muls)
 
     def _block_sum(self, parts: list[_Part], size: int, energy) -> torch.Tensor:
         """sum over parts of weight * energy, into block-local channel order."""

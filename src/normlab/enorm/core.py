@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 from .balance import Balancer
+from .fused import FusedCycle
 from .graph import ParamSlot, RescalingGroup, RescalingPlan, _unwrap, trace_plan
-from .optim_state import check_optimizer, state_powers, state_tensors
+from .optim_state import check_optimizer, state_entries, state_powers, state_tensors
 
 __all__ = ["ENORM_PRESETS", "ENorm", "last_hidden_groups"]
 
@@ -100,6 +101,12 @@ class ENorm:
             the output layer, see :func:`last_hidden_groups`) unscaled, as the original code
             does. ``ENORM_PRESETS["original"]`` (``order="simultaneous"``,
             ``balance_last_hidden=False``) is the original's cycle to rounding (1e-14).
+        fused: run each cycle (either order, optimizer state included) as one compiled pure
+            function (``torch.compile``, see :mod:`normlab.enorm.fused`): the same numbers to
+            rounding, fewer passes over memory. Compiled at the first cycle (seconds; once more
+            if a cycle runs before the optimizer created its state); where compiling is
+            impossible, one ``RuntimeWarning`` and the eager cycle. State tensors (momentum
+            buffers, moments) are replaced by new ones in ``optimizer.state``, not copied into.
 
     Usage (after each optimizer step)::
 
@@ -129,6 +136,7 @@ class ENorm:
         order: str = "sequential",
         exclude: Iterable[str] = (),
         balance_last_hidden: bool = True,
+        fused: bool = False,
     ) -> None:
         if not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
             raise ValueError(f"Invalid c: {c} (must be a finite number > 0)")
@@ -160,6 +168,8 @@ class ENorm:
             plan = _freeze_groups(plan, last_hidden_groups(plan))
         self.plan: RescalingPlan = plan
         self._balancer = Balancer(self.plan, self.c, self.p, self.include_bias)
+        self.fused = bool(fused)
+        self._fused: FusedCycle | None = FusedCycle(self._balancer, order) if self.fused else None
         self._calls = 0
 
     # --- inspection ---------------------------------------------------------------------------
@@ -183,7 +193,8 @@ class ENorm:
         return (
             f"ENorm(c={self.c}, p={self.p}, cycles={self.cycles}, every={self.every}, "
             f"include_bias={self.include_bias}, order={self.order!r}, "
-            f"balance_last_hidden={self.balance_last_hidden}, groups={len(self.groups)}, "
+            f"balance_last_hidden={self.balance_last_hidden}, fused={self.fused}, "
+            f"groups={len(self.groups)}, "
             f"channels={self.num_variables})"
         )
 
@@ -197,9 +208,33 @@ class ENorm:
         powers = state_powers(optimizer)  # looked up per cycle: registrations may come later
         return lambda param: state_tensors(optimizer, powers, param)
 
+    def _state_entries(self) -> list:
+        """(slot index, state dict, key, tensor, power) of every state tensor to rescale."""
+        if self.optimizer is None:
+            return []
+        optimizer = self.optimizer
+        powers = state_powers(optimizer)
+        return [
+            (i, *entry)
+            for i, s in enumerate(self._balancer.slots)
+            for entry in state_entries(optimizer, powers, s.param)
+        ]
+
+    @property
+    def compiles(self) -> int:
+        """Graphs compiled for ``fused=True`` (0 for the eager cycle)."""
+        return self._fused.compiles if self._fused is not None else 0
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling the fused cycle."""
+        return self._fused.step.compile_seconds if self._fused is not None else 0.0
+
     @torch.no_grad()
     def cycle(self) -> None:
         """One balancing cycle over all groups, optimizer state included."""
+        if self._fused is not None and self._fused.run(self._state_entries()):
+            return
         if self.order == "sequential":
             self._balancer.sequential(self._state_lookup())
         else:

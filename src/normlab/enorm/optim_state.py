@@ -92,10 +92,14 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, int | None]:
     return powers
 
 
-def state_tensors(
+def state_entries(
     optimizer: torch.optim.Optimizer, powers: dict[str, int | None], param: torch.Tensor
-) -> list[tuple[torch.Tensor, int]]:
-    """The state tensors of ``param`` to rescale, with their powers (lazy state: empty list)."""
+) -> list[tuple[dict, str, torch.Tensor, int]]:
+    """``(state dict, key, tensor, power)`` of each state tensor of ``param`` to rescale.
+
+    Lazy state (no step yet): empty list. The state dict and key let a fused cycle swap a new
+    tensor in instead of copying it.
+    """
     state = optimizer.state.get(param)
     if not state:
         return []
@@ -115,5 +119,12 @@ def state_tensors(
                 "exact transform"
             )
         if power != 0:
-            out.append((value, power))
+            out.append((state, key, value, power))
     return out
+
+
+def state_tensors(
+    optimizer: torch.optim.Optimizer, powers: dict[str, int | None], param: torch.Tensor
+) -> list[tuple[torch.Tensor, int]]:
+    """The state tensors of ``param`` to rescale, with their powers (lazy state: empty list)."""
+    return [(t, k) for _, _, t, k in state_entries(optimizer, powers, param)]

@@ -7,8 +7,9 @@ Models ``fully_connected`` (FC-15: the MLP with the original's Kaiming-normal in
 in a config, adds :class:`ENormCallback`: it builds :class:`normlab.ENorm` on the run's model and
 optimizer when training starts and calls ``enorm.step()`` after every optimizer step (after the
 learning-rate scheduler too: the loop's post-step hook), as the original ``main.py`` does. Options
-are ENorm's own: ``c``, ``p``, ``cycles``, ``every``, ``include_bias``, ``order``, ``exclude``, plus
-``apply``: ``false`` only measures (logs the columns below without ever rescaling), which gives a
+are ENorm's own: ``c``, ``p``, ``cycles``, ``every``, ``include_bias``, ``order``, ``exclude``,
+``balance_last_hidden``, ``fused`` (``enorm.fused=true``: each cycle one compiled function, compiled
+at the first step; see :class:`normlab.ENorm`), plus ``apply``: ``false`` only measures (logs the columns below without ever rescaling), which gives a
 run without ENorm the same weight-norm curves to compare with.
 
 Columns added to ``metrics.csv`` at the end of every epoch:
@@ -64,7 +65,8 @@ class ENormCallback(Callback):
     """Runs :class:`normlab.ENorm` after each optimizer step and logs the weight norms.
 
     Args:
-        c, p, cycles, every, include_bias, order, exclude: passed to :class:`normlab.ENorm`.
+        c, p, cycles, every, include_bias, order, exclude, balance_last_hidden, fused: passed to
+            :class:`normlab.ENorm` (``fused=True``: the cycle compiled into one function).
         apply: False: build ENorm only to measure (``enorm_objective``, ``weight_sq_norm``); no
             cycle is ever run, so training is that of a run without ENorm.
     """
@@ -133,7 +135,8 @@ ENORM_EXTENSION = config_mod.Extension(
     "enorm",
     ENormCallback,
     "ENorm (equi-normalization) after every optimizer step: c, p, cycles, every, include_bias, "
-    "order (sequential|simultaneous), exclude (module names), apply (false: only log "
+    "order (sequential|simultaneous), exclude (module names), fused (true: one compiled "
+    "function per cycle), apply (false: only log "
     "weight_sq_norm / enorm_objective); enorm=original: the original code's cycle (simultaneous "
     "order, last hidden layer unbalanced)",
     presets=ENORM_PRESETS,
