@@ -64,6 +64,11 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait until every rank of the default process group arrives here."""
+    dist.barrier()
+
+
 def all_reduce_sum(values: torch.Tensor, info: DistributedInfo) -> torch.Tensor:
     """Sum a tensor over ranks (SUM is portable across backends; AVG is not everywhere)."""
     if info.enabled:

@@ -49,6 +49,7 @@ from .callbacks import Callback, CallbackList
 from .distributed import (
     DistributedInfo,
     all_reduce_sum,
+    barrier,
     close_distributed,
     distributed_info,
     init_distributed,
@@ -239,7 +240,12 @@ def _train(cfg: dict, callbacks, dataset: TensorDataset | None, stop) -> dict:
     # there happens under the lock, and nothing before this point has touched the directory (a
     # config refused while building leaves no trace). From here on, an exception is recorded.
     with run_dir.lock() if info.is_main else contextlib.nullcontext():
-        _check_run_dir(run_dir, cfg)
+        # Every rank checks what is there (the same answer, the same error) before the main
+        # rank writes anything: a rank that looked only after rank 0 had recorded "running"
+        # would find the run "already existing" and stop (a race that failed DDP starts).
+        _check_run_dir(run_dir, cfg, prepare=info.is_main)
+        if info.enabled:
+            barrier()
         started = False
         try:
             accum = _resume(state, cbs, run_dir)
@@ -366,13 +372,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_run_dir(run_dir: RunDirectory, cfg: dict) -> None:
+def _check_run_dir(run_dir: RunDirectory, cfg: dict, prepare: bool = True) -> None:
+    """Refuse a run directory that exists unless resumed or overwritten; ``prepare`` (the main
+    rank only) also clears what ``overwrite=true`` starts over."""
     if not run_dir.exists():
         return
     if cfg["resume"]:
         check_resume_config(run_dir, cfg)
         return
     if cfg["overwrite"]:
+        if not prepare:
+            return
         for path in (run_dir.checkpoint_path, run_dir.metrics_path, run_dir.summary_path):
             path.unlink(missing_ok=True)
         return
