@@ -600,20 +600,12 @@ class Balancer:
                 flat = [None if v is None else v.reshape(-1) for v in (rv, qv, riv, qiv)]
                 self._collect(s, *flat, lambda _p, e=entries: e, selves, factors)
                 continue
-            if rv is not None:
-                selves.append(m)
-                factors.append(rv)
-            if qv is not None:
-                selves.append(m)
-                factors.append(qv)
-            for tensor, _ in entries:
-                t = s.state_mat(tensor)
-                if riv is not None:
-                    selves.append(t)
-                    factors.append(riv)
-                if qiv is not None:
-                    selves.append(t)
-                    factors.append(qiv)
+            targets = [(m, (rv, qv))] + [(s.state_mat(t), (riv, qiv)) for t, _ in entries]
+            for target, vectors in targets:
+                for v in vectors:
+                    if v is not None:
+                        selves.append(target)
+                        factors.append(v)
         if selves:
             torch._foreach_mul_(selves, factors)
 

@@ -199,22 +199,22 @@ def _make_cycle(spec: _Spec):
         d = torch.ones(n + 1, dtype=acc, device=device)
         dinv = d
         for block in spec.blocks:
+
+            def energy(i, of, cache, d=d, dinv=dinv):
+                # sequential: weighted by the factors chosen so far; simultaneous: the
+                # start-of-cycle energy, computed once per slot
+                if spec.sequential:
+                    return of(i, d, dinv)
+                if i not in cache:
+                    cache[i] = of(i, None, None)
+                return cache[i]
+
             a = b = None
             for i in block.producers:
-                if spec.sequential:
-                    e = row_energy(i, d, dinv)
-                else:
-                    e = cached_rows.get(i)
-                    if e is None:
-                        e = cached_rows[i] = row_energy(i, None, None)
+                e = energy(i, row_energy, cached_rows)
                 a = block_add(a, block, rows[i], spec.slots[i].row_run, e)
             for i in block.consumers:
-                if spec.sequential:
-                    e = col_energy(i, d, dinv)
-                else:
-                    e = cached_cols.get(i)
-                    if e is None:
-                        e = cached_cols[i] = col_energy(i, None, None)
+                e = energy(i, col_energy, cached_cols)
                 b = block_add(b, block, cols[i], spec.slots[i].col_run, e)
             zero = torch.zeros(block.stop - block.start, dtype=acc, device=device)
             new = _factors(zero if a is None else a, zero if b is None else b, spec.exponent)
