@@ -100,7 +100,7 @@ def assert_close_runs(runs, rtol, atol):
                 torch.testing.assert_close(other, value, rtol=rtol, atol=atol)
             else:
                 assert other == value
-    # the optimizer state is the one the fused cycle swapped in, not a stale tensor
+    # the optimizer state keeps its tensors' shape and dtype (the fused cycle writes into them)
     for p in m2.parameters():
         buf = o2.state[p].get("momentum_buffer")
         if buf is not None:

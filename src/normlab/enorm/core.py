@@ -101,12 +101,12 @@ class ENorm:
             the output layer, see :func:`last_hidden_groups`) unscaled, as the original code
             does. ``ENORM_PRESETS["original"]`` (``order="simultaneous"``,
             ``balance_last_hidden=False``) is the original's cycle to rounding (1e-14).
-        fused: run each cycle (either order, optimizer state included) as one compiled pure
-            function (``torch.compile``, see :mod:`normlab.enorm.fused`): the same numbers to
-            rounding, fewer passes over memory. Compiled at the first cycle (seconds; once more
-            if a cycle runs before the optimizer created its state); where compiling is
-            impossible, one ``RuntimeWarning`` and the eager cycle. State tensors (momentum
-            buffers, moments) are replaced by new ones in ``optimizer.state``, not copied into.
+        fused: run each cycle (either order, optimizer state included) as one compiled graph
+            (``torch.compile``, see :mod:`normlab.enorm.fused`) that writes into the weights and
+            the optimizer's state tensors in place: the same numbers to rounding, fewer passes
+            over memory. Compiled at the first cycle (seconds; once more if a cycle runs before
+            the optimizer created its state); where compiling is impossible, one
+            ``RuntimeWarning`` and the eager cycle.
 
     Usage (after each optimizer step)::
 

@@ -1,12 +1,11 @@
-"""One whole ENorm cycle as a single compiled pure function (``ENorm(..., fused=True)``).
+"""One whole ENorm cycle as a single compiled function (``ENorm(..., fused=True)``).
 
 The cycle of :class:`~normlab.enorm.balance.Balancer` (either order, optimizer state included)
 is re-expressed as a pure function of the parameters and state tensors that returns new
 tensors, compiled with :class:`normlab._fused.FusedStep` (inductor: vectorized C++ loops on a
-CPU, generated kernels on a GPU). The caller copies the new weights back into the parameters
-with one ``torch._foreach_copy_`` and swaps the new state tensors into the optimizer state (no
-copy). It is pure on purpose: torch 2.13's inductor on CPU fails on a graph that updates its
-inputs in place after a row reduction and a broadcast multiply.
+CPU, generated kernels on a GPU), which writes the results into the parameters and the
+optimizer's state tensors inside the graph (or, where inductor cannot compile that, copies them
+after a pure graph; see :mod:`normlab._fused`). The state tensors stay the optimizer's own.
 
 Formulation. With ``D`` the vector of factors chosen so far in the sweep (one per variable,
 index N the frozen slot, always one), entry (g, i, j) of a slot currently equals
@@ -231,7 +230,7 @@ def _make_cycle(spec: _Spec):
 
 
 class FusedCycle:
-    """The compiled cycle of one :class:`Balancer` (one order), with the copy back.
+    """The compiled cycle of one :class:`Balancer` (one order), writing into the model.
 
     :meth:`run` returns False when compiling is impossible (after one warning from
     :class:`FusedStep`): the caller then runs the eager cycle.
@@ -295,14 +294,6 @@ class FusedCycle:
         row_ws = [s.row_w if isinstance(s.row_w, torch.Tensor) else None for s in bal.slots]
         col_ws = [s.col_w if isinstance(s.col_w, torch.Tensor) else None for s in bal.slots]
         key = (state_powers, weights[0].device.type)
-        out = self.step(key, state_powers, weights, states, rows, cols, row_ws, col_ws)
-        if out is None:
-            return False
-        new_weights, new_states = out
-        torch._foreach_copy_(weights, new_weights)
-        for (_, state, name, old, _), new in zip(entries, new_states):
-            if new.stride() == old.stride() and new.dtype == old.dtype:
-                state[name] = new  # swap: no copy
-            else:
-                old.copy_(new)
-        return True
+        return self.step(
+            key, (weights, states), state_powers, weights, states, rows, cols, row_ws, col_ws
+        )

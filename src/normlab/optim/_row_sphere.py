@@ -96,6 +96,19 @@ def fused_rows(p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     return p.reshape(rows, -1).to(cdt), grad.reshape(rows, -1).to(cdt)
 
 
+def graph_rows(tensors: list[Tensor], rows: list[int]) -> list[Tensor]:
+    """The tensors a fused step reads and writes, each as its ``(rows, n)`` view where the memory
+    allows (contiguous), else as it is (the graph then reshapes logically).
+
+    Why: inductor stores a result straight into its target only when the target has the shape
+    of the loop that computes it. A 4-D conv weight written from ``(out, n)`` rows gets its own
+    copy pass (on ResNet-18: a fused SGD-G step 1.6x torch SGD instead of 1.2x).
+    """
+    return [
+        t.view(r, -1) if t.is_contiguous() and t.numel() > 0 else t for t, r in zip(tensors, rows)
+    ]
+
+
 # The fused steps (``fused=True``) write each update as per-row linear combinations of the rows
 # they read (point P, gradient G, state T): every scalar they need (norms, the tangent
 # coefficient, the norm of the new momentum or step) is a quadratic form in the rows' Gram
@@ -305,15 +318,6 @@ def euclidean_sgd(state: dict, params: list[Tensor], grads: list[Tensor], **opti
         if options["momentum"] != 0:
             for i, buf in zip(idx, part_bufs):
                 state[params[i]]["momentum_buffer"] = buf
-
-
-def install_fused_step(state: dict, params: list[Tensor], new_params, **new_state) -> None:
-    """Put a fused step's results in place: the new points are copied into the parameters (they
-    must stay the same tensors); the new state tensors replace the old ones (no copy needed)."""
-    torch._foreach_copy_(params, new_params)
-    for key, tensors in new_state.items():
-        for p, t in zip(params, tensors):
-            state[p][key] = t
 
 
 # ----------------------------------------------------------------------------------------------

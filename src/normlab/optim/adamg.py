@@ -188,10 +188,14 @@ class AdamG(rs.RowSphereOptimizer):
         alphas = [_bias_correction(t + 1, beta1, beta2) for t in steps]
         alphas = torch.tensor(alphas, dtype=cdt).to(device, non_blocking=True)
         tangent_key, omega, grad_clip = self._fused_tangent_args(group, params)
-        out = self._fused_step(
+        rows = [_rows.num_rows(p) for p in params]
+        points = rs.graph_rows(params, rows)
+        exp_avgs, exp_avg_sqs = rs.graph_rows(exp_avgs, rows), rs.graph_rows(exp_avg_sqs, rows)
+        done = self._fused_step(
             (index, *tangent_key),
-            params,
-            grads,
+            (points, exp_avgs, exp_avg_sqs),
+            points,
+            rs.graph_rows(grads, rows),
             exp_avgs,
             exp_avg_sqs,
             alphas,
@@ -204,12 +208,10 @@ class AdamG(rs.RowSphereOptimizer):
             ortho=tangent_key[1],
             ortho_dtype=group["ortho_dtype"],
         )
-        if out is None:
-            return False
-        for step in steps:
-            step += 1
-        rs.install_fused_step(self.state, params, out[0], exp_avg=out[1], exp_avg_sq=out[2])
-        return True
+        if done:
+            for step in steps:
+                step += 1
+        return done
 
 
 def adamg_fused_step(

@@ -91,7 +91,8 @@ class SGDG(rs.RowSphereOptimizer):
             reductions, updates as per-row linear combinations); False uses the readable
             single-tensor reference implementation.
         fused: True runs each manifold group's whole step as one compiled graph
-            (``torch.compile``; :func:`sgdg_fused_step`), Euclidean groups with torch's own fused
+            (``torch.compile`` of :func:`sgdg_fused_step`, writing the new points and momenta
+            into the parameters and state in place), Euclidean groups with torch's own fused
             SGD kernels. Opt-in: compiling costs seconds to a minute once per group (see
             :attr:`fused_compiles`, :attr:`fused_compile_seconds`); where compiling is impossible
             it warns once and runs the eager fast path. The state is the same as eager.
@@ -156,10 +157,13 @@ class SGDG(rs.RowSphereOptimizer):
     def _run_fused(self, index: int, group: dict, params: list[Tensor], grads: list[Tensor]):
         bufs = [self._fused_state(p, "momentum_buffer") for p in params]
         tangent_key, omega, grad_clip = self._fused_tangent_args(group, params)
-        out = self._fused_step(
+        rows = [_rows.num_rows(p) for p in params]
+        points, bufs = rs.graph_rows(params, rows), rs.graph_rows(bufs, rows)
+        return self._fused_step(
             (index, group["nesterov"], *tangent_key),
-            params,
-            grads,
+            (points, bufs),
+            points,
+            rs.graph_rows(grads, rows),
             bufs,
             self._scalar("lr", group["lr"], params),
             self._scalar("momentum", group["momentum"], params),
@@ -169,10 +173,6 @@ class SGDG(rs.RowSphereOptimizer):
             ortho=tangent_key[1],
             ortho_dtype=group["ortho_dtype"],
         )
-        if out is None:
-            return False
-        rs.install_fused_step(self.state, params, out[0], momentum_buffer=out[1])
-        return True
 
 
 def sgdg_fused_step(

@@ -85,10 +85,10 @@ from torch.optim import Optimizer
 from .. import geometry
 from .._fused import FusedStep, ScalarSlots
 from ._row_sphere import combine as _rows_combine
-from ._row_sphere import euclidean_sgd, install_fused_step, keep_compute_dtype_state
+from ._row_sphere import euclidean_sgd, graph_rows, keep_compute_dtype_state
 from ._row_sphere import quad as _rows_quad
 from ._row_sphere import row_gram as _rows_gram
-from ._rows import check_fused
+from ._rows import check_fused, num_rows
 
 __all__ = ["SphereSGD", "sphere_sgd", "GRANULARITIES"]
 
@@ -386,21 +386,22 @@ class SphereSGD(Optimizer):
         params = group["params"]
         use_momentum = group["momentum"] > 0
         device, cdt = params[0].device, geometry.compute_dtype(*params)
-        out = self._fused_step(
+        by_row = group["granularity"] == "row"
+        rows = [num_rows(p) if by_row else 1 for p in params]
+        points = graph_rows(params, rows)
+        bufs = graph_rows(bufs, rows) if use_momentum else []
+        return self._fused_step(
             (index, group["granularity"], group["project_gradient"], use_momentum),
-            params,
-            grads,
-            bufs if use_momentum else [],
+            (points, bufs),
+            points,
+            graph_rows(grads, rows),
+            bufs,
             radii,
             self._scalars.get("elr", elr, device, cdt),
             self._scalars.get("momentum", group["momentum"], device, cdt),
             granularity=group["granularity"],
             project_gradient=group["project_gradient"],
         )
-        if out is None:
-            return False
-        install_fused_step(self.state, params, out[0], momentum_buffer=out[1])
-        return True
 
     def _euclidean_group_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.SGD`` (momentum, L2 decay) via torch's functional; ``lr=0`` freezes."""
