@@ -120,6 +120,8 @@ def bench_cycle(name: str, device, rounds: int, warmup: int, fused: bool = True)
             enorm.cycle()  # compiles
             out[f"{key}_compile_s"] = time.perf_counter() - start
             out[f"{key}_compiles"] = enorm.compiles
+            if enorm.fused_form != "in place":
+                print(f"note: {name} {order}: the fused cycle runs {enorm.fused_form}")
     fns = {"sgd": opt.step} | {k: e.cycle for k, e in enorms.items()}
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)

@@ -278,10 +278,11 @@ def run(model: str, rounds: int, warmup: int, with_reference: bool, seed: int = 
     return rows, n_params, n_sphere, len(pset.params), compiles
 
 
-def compile_report(cases) -> list[tuple[str, int, float]]:
-    """(case, graphs compiled, seconds) of every fused case: compiled once, in the warm-up."""
+def compile_report(cases) -> list[tuple[str, int, float, str]]:
+    """(case, graphs compiled, seconds, form) of every fused case: compiled once, in the warm-up;
+    form "in place" unless inductor could only compile the pure graph plus a copy."""
     return [
-        (name, opt.fused_compiles, opt.fused_compile_seconds)
+        (name, opt.fused_compiles, opt.fused_compile_seconds, opt.fused_form)
         for name, (_, opt, _) in cases.items()
         if getattr(opt, "fused_compiles", 0)
     ]
@@ -319,8 +320,10 @@ def main(argv=None):
         for name, ms, ratio, q1, q3 in rows:
             print(f"| {name} | {ms:.2f} | {ratio:.2f}x | {q1:.2f}-{q3:.2f} |")
         print()
-        for name, graphs, seconds in compiles:
-            print(f"compile: {name}: {graphs} graph(s), {seconds:.1f} s (once, in the warm-up)")
+        for name, graphs, seconds, form in compiles:
+            print(
+                f"compile: {name}: {graphs} graph(s), {seconds:.1f} s (once, in the warm-up), {form}"
+            )
         print()
 
 

@@ -189,7 +189,8 @@ def run(args) -> list[dict]:
             if sphere.fused_compiles:
                 print(
                     f"  compile: {label}: {sphere.fused_compiles} graph(s), "
-                    f"{sphere.fused_compile_seconds:.1f} s (once, in the warm-up)"
+                    f"{sphere.fused_compile_seconds:.1f} s (once, in the warm-up), "
+                    f"{sphere.fused_form}"
                 )
 
         # tracker overhead relative to one global SphereSGD step on the SI set

@@ -118,6 +118,7 @@ def test_fused_mlp_matches_eager(order, dtype, tol):
     runs, _ = twin_runs(mlp, dtype, c=1.2, order=order)
     assert_close_runs(runs, tol, tol)
     assert runs[1][3].compile_seconds > 0
+    assert runs[1][3].fused_form == "in place"
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ def test_the_written_tensors_are_the_callers_own():
     params, grads, bufs = _tensors()
     ids = [t.data_ptr() for t in params + bufs]
     step = FusedStep(row_sphere_step, "test")
+    assert step.form == "not compiled yet"
     assert step("k", (params, bufs), params, grads, bufs, torch.tensor(0.1), torch.tensor(0.9))
     assert [t.data_ptr() for t in params + bufs] == ids
     for p in params:
@@ -108,6 +109,7 @@ def test_a_graph_that_cannot_compile_in_place_runs_pure_with_the_same_numbers(mo
     _assert_same(bufs, ref_bufs, 1e-12)
     assert list(step.pure_keys) == ["key"] and "graph_break" in step.pure_keys["key"].lower()
     assert step.compiles == 1 and step.unavailable is None
+    assert step.form.startswith("pure + copy (") and "graph_break" in step.form.lower()
 
 
 def test_when_neither_form_compiles_it_warns_once_and_writes_nothing(monkeypatch):
@@ -127,6 +129,7 @@ def test_when_neither_form_compiles_it_warns_once_and_writes_nothing(monkeypatch
     assert "test step" in messages[0] and "no C++ compiler found" in messages[0]
     assert all(torch.equal(a, b) for a, b in zip(before, params + bufs))
     assert step.compiles == 0 and step.unavailable.startswith("RuntimeError")
+    assert step.form == "eager (RuntimeError: no C++ compiler found)"
 
 
 def test_an_error_of_a_compiled_graph_propagates():

@@ -87,6 +87,7 @@ def test_fused_equals_reference_in_float64_over_100_steps(name):
     out, opt = _run(CASES[name](fused=True), torch.float64, zero_row=zero_row)
     assert _max_diff(ref, out) < 1e-10
     assert opt.fused_compiles == 1  # one graph for 100 steps of changing LRs
+    assert opt.fused_form == "in place"  # the fast form compiles for every option set
     assert all(torch.isfinite(p).all() for p in out)
     if zero_row:
         assert out[1][3].abs().max().item() == 0.0

@@ -103,6 +103,17 @@ class FusedStep:
         #: keys compiled as the pure function plus a copy, each with the in-place failure
         self.pure_keys: dict[Hashable, str] = {}
 
+    @property
+    def form(self) -> str:
+        """How the compiled steps run, for reports: ``"in place"``, ``"pure + copy (why)"``
+        when some key could not compile in place, ``"eager (why)"`` after the fallback, or
+        ``"not compiled yet"``."""
+        if self.unavailable is not None:
+            return f"eager ({self.unavailable})"
+        if self.pure_keys:
+            return f"pure + copy ({next(iter(self.pure_keys.values()))})"
+        return "in place" if self._graphs else "not compiled yet"
+
     def _backend(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 

@@ -230,6 +230,11 @@ class ENorm:
         """Seconds spent compiling the fused cycle."""
         return self._fused.step.compile_seconds if self._fused is not None else 0.0
 
+    @property
+    def fused_form(self) -> str:
+        """How the fused cycle runs (``"in place"``; see :attr:`normlab._fused.FusedStep.form`)."""
+        return self._fused.step.form if self._fused is not None else "eager (fused=False)"
+
     @torch.no_grad()
     def cycle(self) -> None:
         """One balancing cycle over all groups, optimizer state included."""

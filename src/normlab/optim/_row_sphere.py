@@ -516,6 +516,12 @@ class RowSphereOptimizer(Optimizer):
         """Wall time of the steps that compiled a fused graph."""
         return self._fused_step.compile_seconds
 
+    @property
+    def fused_form(self) -> str:
+        """``"in place"`` when every fused graph writes its results in place (see
+        :attr:`normlab._fused.FusedStep.form` for the others)."""
+        return self._fused_step.form
+
     def _fused_function(self) -> Callable:
         """The pure step function of a manifold group (see :mod:`normlab._fused`)."""
         raise NotImplementedError

@@ -271,6 +271,12 @@ class SphereSGD(Optimizer):
         """Wall time of the steps that compiled a fused graph."""
         return self._fused_step.compile_seconds
 
+    @property
+    def fused_form(self) -> str:
+        """``"in place"`` when every fused graph writes its results in place (see
+        :attr:`normlab._fused.FusedStep.form` for the others)."""
+        return self._fused_step.form
+
     @staticmethod
     def _resolve_elr(group: dict[str, Any]) -> float:
         """The ELR of this step: whichever of the aliases ``lr``/``elr`` changed (``lr`` wins)."""
