@@ -165,3 +165,79 @@ def test_kill_9_of_the_study_leaves_no_orphan_and_the_runs_checkpoint(tmp_path):
     runs = [r for r in sorted(tmp_path.glob("*/runs/*")) if _status(r) is not None]
     assert [_status(r) for r in runs] == ["interrupted", "interrupted"]
     assert all(_holder_pid(r) is None or not _alive(_holder_pid(r)) for r in runs)
+
+
+# A worker learns of its parent's death from the kernel, which signals it once per re-parenting:
+# a parent with several threads hands it to each of them in turn before init. The child below
+# counts the SIGINTs it gets; more than one would be a second Ctrl-C (stop at once, mid-checkpoint).
+_PARENT = """
+import subprocess, sys, threading, time
+for _ in range(16):
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]])
+time.sleep(120)
+"""
+_CHILD = """
+import os, signal, sys, time
+from normlab.studies.workers import _die_with_parent
+count = 0
+def on_interrupt(signum, frame):
+    global count
+    count += 1
+signal.signal(signal.SIGINT, on_interrupt)
+assert _die_with_parent(os.getppid())
+open(sys.argv[1] + ".ready", "w").close()
+deadline = time.monotonic() + 60
+while count == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(1.0)  # any further signal arrives within milliseconds
+open(sys.argv[1] + ".tmp", "w").write(str(count))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_a_parent_killed_with_many_threads_interrupts_its_worker_once(tmp_path):
+    (tmp_path / "parent.py").write_text(_PARENT)
+    (tmp_path / "child.py").write_text(_CHILD)
+    result = tmp_path / "count"
+    for attempt in range(3):  # the number of re-parentings varies with the kill's timing
+        result.unlink(missing_ok=True)
+        parent = subprocess.Popen(
+            [sys.executable, str(tmp_path / "parent.py"), str(tmp_path / "child.py"), str(result)]
+        )
+        try:
+            _wait(lambda: Path(f"{result}.ready").exists(), 60, "the child to start")
+            parent.kill()
+            parent.wait(timeout=30)
+        finally:
+            parent.kill()
+        _wait(result.exists, 60, "the child to report")
+        assert result.read_text() == "1", f"attempt {attempt}: {result.read_text()} SIGINTs"
+        Path(f"{result}.ready").unlink()
+
+
+@pytest.mark.slow
+def test_a_study_started_with_sigint_ignored_still_stops_its_workers(tmp_path):
+    # `nohup normlab sweep ... &`: SIGINT is ignored from the start, the scheduler stops it with
+    # SIGTERM; the workers still stop at a step boundary and checkpoint
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normlab", *SWEEP, f"out={tmp_path}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        _wait(lambda: len(_running_workers(tmp_path)) == 2, 120, "two running runs")
+        workers = _running_workers(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    for pid in workers:
+        _wait(lambda pid=pid: not _alive(pid), 30, f"worker {pid} to exit")
+    runs = sorted(tmp_path.glob("*/runs/*"))
+    assert [_status(r) for r in runs] == ["interrupted", "interrupted"]
+    assert all((r / "checkpoint.pt").exists() for r in runs)

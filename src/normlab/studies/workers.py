@@ -8,9 +8,13 @@ forever. So the pool is written out here:
   the parent only; the parent then sends each worker exactly one SIGINT, which the training loop
   turns into a stop at the end of the current step with an exact checkpoint (a second SIGINT
   would stop at once, which is why the terminal's is not passed on as well);
-* each worker asks the kernel for a SIGINT when its parent dies (Linux ``PR_SET_PDEATHSIG``;
-  elsewhere a thread watches the parent's pid), so a killed study leaves no orphan: the run
-  checkpoints and the worker exits; the run directory's lock covers the moment in between;
+* each worker asks the kernel for a SIGHUP when its parent dies (Linux ``PR_SET_PDEATHSIG``;
+  elsewhere a thread watches the parent's pid) and turns the first one into one SIGINT, so a
+  killed study leaves no orphan: the run checkpoints and the worker exits; the run directory's
+  lock covers the moment in between. Only the first counts because the kernel sends the signal
+  each time the worker is re-parented, and a dying parent re-parents it to each of its threads in
+  turn before init: a SIGINT per thread would be a second Ctrl-C, which stops the run at once,
+  in the middle of its checkpoint;
 * after a stop no worker takes another run; the parent waits for them, then raises
   ``KeyboardInterrupt``.
 """
@@ -29,6 +33,8 @@ import time
 from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
+# what the kernel (or the watcher thread) sends when the parent dies (no SIGHUP on Windows)
+_PARENT_GONE = getattr(signal, "SIGHUP", signal.SIGTERM)
 _POLL_SECONDS = 0.2
 _STOP_GRACE_SECONDS = 600.0  # a run finishes its step and writes a checkpoint in this time
 
@@ -129,6 +135,10 @@ def _sigterm_as_interrupt():
 # ------------------------------------------------------------------------------------- worker
 def _worker(tasks, results, parent_pid: int, threads: int, run_one) -> None:
     os.setpgrp()  # the terminal's Ctrl-C goes to the parent, which passes on exactly one
+    # A study started with SIGINT ignored (`nohup`, `cmd &` in a script) passes that on to its
+    # workers, which would then ignore the parent's stop and its death: here SIGINT only ever
+    # comes from those two, so it always stops the run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not _die_with_parent(parent_pid):
         return
     import torch
@@ -151,12 +161,13 @@ def _worker(tasks, results, parent_pid: int, threads: int, run_one) -> None:
 
 
 def _die_with_parent(parent_pid: int) -> bool:
-    """Ask for SIGINT (a graceful stop of the run) when the parent process dies; False when it
-    is already gone."""
+    """Stop like one Ctrl-C (a graceful stop of the run) when the parent process dies; False
+    when it is already gone."""
+    _first_as_interrupt(_PARENT_GONE)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, _PARENT_GONE, 0, 0, 0)
         except (OSError, AttributeError):
             _watch_parent(parent_pid)
     else:
@@ -164,10 +175,27 @@ def _die_with_parent(parent_pid: int) -> bool:
     return os.getppid() == parent_pid  # else the parent died before the request took effect
 
 
+def _first_as_interrupt(signum: int) -> None:
+    """The first ``signum`` raises one SIGINT in this process; later ones are ignored.
+
+    The kernel sends the parent-death signal on every re-parenting, so one ``kill -9`` of a
+    parent with several threads delivers it several times within milliseconds.
+    """
+    fired = False
+
+    def handler(signum, frame):
+        nonlocal fired
+        if not fired:
+            fired = True
+            signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signum, handler)
+
+
 def _watch_parent(parent_pid: int) -> None:
     def watch():
         while os.getppid() == parent_pid:
             time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), _PARENT_GONE)
 
     threading.Thread(target=watch, name="normlab-parent-watch", daemon=True).start()
