@@ -195,7 +195,7 @@ class AdamG(rs.RowSphereOptimizer):
             (index, *tangent_key),
             (points, exp_avgs, exp_avg_sqs),
             points,
-            rs.graph_rows(grads, rows),
+            grads,  # read only: the graph reshapes them (only stores need the row views)
             exp_avgs,
             exp_avg_sqs,
             alphas,

@@ -163,7 +163,7 @@ class SGDG(rs.RowSphereOptimizer):
             (index, group["nesterov"], *tangent_key),
             (points, bufs),
             points,
-            rs.graph_rows(grads, rows),
+            grads,  # read only: the graph reshapes them (only stores need the row views)
             bufs,
             self._scalar("lr", group["lr"], params),
             self._scalar("momentum", group["momentum"], params),

@@ -400,7 +400,7 @@ class SphereSGD(Optimizer):
             (index, group["granularity"], group["project_gradient"], use_momentum),
             (points, bufs),
             points,
-            graph_rows(grads, rows),
+            grads,  # read only: the graph reshapes them (only stores need the row views)
             bufs,
             radii,
             self._scalars.get("elr", elr, device, cdt),
@@ -530,8 +530,9 @@ def sphere_sgd_fused_step(
         work = geometry.compute_dtype(*params)
         rho = radii[0].to(work)
         bufs = momentum_buffers if use_momentum else [None] * len(params)
-        vectors = [
-            [t.to(work) for t in (p, g, b) if t is not None] for p, g, b in zip(params, grads, bufs)
+        vectors = [  # in the point's shape: the caller passes gradients as they are
+            [t.reshape(p.shape).to(work) for t in (p, g, b) if t is not None]
+            for p, g, b in zip(params, grads, bufs)
         ]
         # the joint Gram matrix: the sum of every tensor's (whole-tensor) Gram matrix
         per_tensor = [_rows_gram([v.reshape(-1) for v in vs]) for vs in vectors]  # (1,)
