@@ -221,12 +221,16 @@ def test_a_parent_killed_with_many_threads_interrupts_its_worker_once(tmp_path):
 def test_a_study_started_with_sigint_ignored_still_stops_its_workers(tmp_path):
     # `nohup normlab sweep ... &`: SIGINT is ignored from the start, the scheduler stops it with
     # SIGTERM; the workers still stop at a step boundary and checkpoint
+    # as nohup does: ignore SIGINT, then exec the command (an ignored signal stays ignored)
+    ignore_then_exec = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'normlab', *sys.argv[1:]])"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "normlab", *SWEEP, f"out={tmp_path}"],
+        [sys.executable, "-c", ignore_then_exec, *SWEEP, f"out={tmp_path}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         _wait(lambda: len(_running_workers(tmp_path)) == 2, 120, "two running runs")
